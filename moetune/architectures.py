@@ -1,0 +1,124 @@
+"""What moetune knows about model families: feed-forward shapes and default target modules.
+
+An `FFNSpec` describes a feed-forward block as  post( out_proj( hidden(in_projs(x)) ) ), which lets an
+`ffn` MoE layer (MixLoRA) add each expert's LoRA deltas to the projections while running the frozen
+weights once. Families are recognised by structure, not by name, so fine-tunes of them work too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    family: str
+    in_projs: tuple[str, ...]  # applied to x; their outputs feed `hidden`
+    out_proj: str
+    act_attr: str
+    hidden: Callable[[Callable[[Tensor], Tensor], list[Tensor]], Tensor]  # (act, in-proj outputs) -> h
+    post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.in_projs, self.out_proj)
+
+    def matches(self, module: nn.Module) -> bool:
+        return all(is_linear_like(getattr(module, p, None)) for p in self.projections) and hasattr(
+            module, self.act_attr
+        )
+
+
+def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+    gate, up = outs
+    return act(gate) * up
+
+
+def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+    gate, up = outs[0].chunk(2, dim=-1)
+    return up * act(gate)
+
+
+def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+    return act(outs[0])
+
+
+FFN_SPECS = (
+    # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, and most decoder LLMs: down(act(gate(x)) * up(x))
+    FFNSpec("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn", _gated),
+    # Phi-3: gate and up fused in one projection
+    FFNSpec("gated_fused", ("gate_up_proj",), "down_proj", "activation_fn", _gated_fused),
+    # GPT-2: dropout(c_proj(act(c_fc(x)))) with Conv1D projections
+    FFNSpec("gpt2", ("c_fc",), "c_proj", "act", _plain, post_dropout="dropout"),
+)
+
+# Encoders whose FFN is split across modules: `linear` experts on both halves (a full-match regex).
+SPLIT_FFN_TARGETS = {
+    "bert": r".*layer\.\d+\.(intermediate|output)\.dense",
+    "roberta": r".*layer\.\d+\.(intermediate|output)\.dense",
+    "xlm-roberta": r".*layer\.\d+\.(intermediate|output)\.dense",
+    "electra": r".*layer\.\d+\.(intermediate|output)\.dense",
+}
+
+ATTENTION_SUFFIXES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",  # Llama family, Phi-3
+    "attn.c_attn",
+    "attn.c_proj",  # GPT-2
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",  # BERT
+)
+
+# Default targets stay in the language model of a multimodal model (survey §2.1: the vision tower and
+# projector are untouched unless the user names them).
+NON_LANGUAGE_SCOPES = re.compile(
+    r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector|audio_tower)(\.|$)"
+)
+
+
+def is_linear_like(module: object) -> bool:
+    """nn.Linear (and subclasses: quantized linears) or transformers' Conv1D (GPT-2)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores (in, out)
+    return d_in, d_out
+
+
+def find_ffn_spec(module: nn.Module) -> FFNSpec | None:
+    return next((spec for spec in FFN_SPECS if spec.matches(module)), None)
+
+
+def in_language_model(name: str) -> bool:
+    return NON_LANGUAGE_SCOPES.search(name) is None
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
+
+
+def layer_index(name: str) -> int:
+    """Transformer layer of a module path: the first numeric component (`model.layers.3.mlp` -> 3)."""
+    m = _LAYER_INDEX.search("." + name)
+    if m is None:
+        raise ValueError(f"cannot tell which transformer layer module {name!r} is in (no numeric component)")
+    return int(m.group(1))
+
+
+def name_matches(name: str, targets: list[str] | str) -> bool:
+    """peft's rule: a string is a full-match regex; a list matches names or dotted suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)

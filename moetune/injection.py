@@ -1,0 +1,166 @@
+"""Find the modules a `MoEConfig` targets in a Hugging Face model and wrap them.
+
+Wrapping replaces a module by a moetune module that holds the original as `base_layer` (the peft
+convention); nothing else in the model changes. Every error names the offending value and what the
+model offers instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from moetune.architectures import (
+    ATTENTION_SUFFIXES,
+    SPLIT_FFN_TARGETS,
+    find_ffn_spec,
+    in_language_model,
+    is_linear_like,
+    layer_index,
+    name_matches,
+)
+from moetune.config import MoEConfig
+from moetune.layers import LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
+
+
+@dataclass
+class InjectionPlan:
+    ffn: dict[str, object] = field(default_factory=dict)  # MLP path -> FFNSpec
+    ffn_projections: list[str] = field(default_factory=list)  # projections carrying expert LoRA
+    linear: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    save: list[str] = field(default_factory=list)
+
+
+def num_layers_of(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError(
+            "cannot find num_hidden_layers in the model config (needed for per-layer expert counts)"
+        )
+    return int(n)
+
+
+def plan(model: nn.Module, cfg: MoEConfig) -> InjectionPlan:
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if is_linear_like(m)]
+    result = InjectionPlan()
+
+    if cfg.expert_type == "ffn":
+        result.ffn = {n: s for n, m in modules.items() if in_language_model(n) and (s := find_ffn_spec(m))}
+        if not result.ffn:
+            raise ValueError(
+                "expert_type='ffn' found no feed-forward block of a known shape (gate_proj/up_proj/"
+                "down_proj, gate_up_proj/down_proj, or GPT-2's c_fc/c_proj) in this model; use "
+                "expert_type='linear' with target_modules naming its FFN linears. Linear layers here: "
+                f"{_short_names(linears)}"
+            )
+        allowed = sorted({p for s in result.ffn.values() for p in s.projections})
+        wanted = cfg.target_modules if cfg.target_modules is not None else allowed
+        if isinstance(wanted, str) or not set(wanted) <= set(allowed):
+            raise ValueError(
+                f"target_modules={wanted!r}: with expert_type='ffn' name FFN projections of this model, "
+                f"allowed {allowed}"
+            )
+        result.ffn_projections = list(wanted)
+        expert_owned = {f"{mlp}.{p}" for mlp, spec in result.ffn.items() for p in spec.projections}
+    else:
+        targets = (
+            cfg.target_modules if cfg.target_modules is not None else _default_linear_targets(model, modules)
+        )
+        scope = in_language_model if cfg.target_modules is None else (lambda _n: True)
+        result.linear = [n for n in linears if scope(n) and name_matches(n, targets)]
+        if not result.linear:
+            raise ValueError(
+                f"target_modules={targets!r} matches no linear layer; linear layers here: "
+                f"{_short_names(linears)}"
+            )
+        expert_owned = set(result.linear)
+
+    if cfg.attn_r > 0:
+        targets = cfg.attn_target_modules if cfg.attn_target_modules is not None else list(ATTENTION_SUFFIXES)
+        scope = in_language_model if cfg.attn_target_modules is None else (lambda _n: True)
+        result.attention = [n for n in linears if scope(n) and name_matches(n, targets)]
+        if not result.attention:
+            raise ValueError(
+                f"attn_target_modules={targets!r} matches no linear layer; linear layers here: "
+                f"{_short_names(linears)}"
+            )
+        twice = sorted(set(result.attention) & expert_owned)
+        if twice:
+            raise ValueError(
+                f"module {twice[0]!r} is targeted twice: by the experts (target_modules) and by attn_r LoRA "
+                "(attn_target_modules); a module may carry one adapter: remove it from one of them"
+            )
+
+    for name in cfg.modules_to_save:
+        hits = [n for n in modules if n and name_matches(n, [name])]
+        if not hits:
+            raise ValueError(
+                f"modules_to_save: {name!r} matches no module; top-level modules: {_top(modules)}"
+            )
+        result.save += hits
+    return result
+
+
+def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPlan:
+    """Freeze `model` and wrap what `cfg` targets, in place."""
+    todo = plan(model, cfg)
+    n_layers = num_layers_of(model)
+    model.requires_grad_(False)
+    for name in todo.attention:
+        _replace(
+            model,
+            name,
+            lambda m: LoRALinear(m, cfg.attn_r, cfg.lora_alpha / _attn_div(cfg), cfg.lora_dropout, ctx),
+        )
+    for name, spec in todo.ffn.items():
+        E = cfg.experts_in_layer(layer_index(name), n_layers)
+        projs = [p for p in todo.ffn_projections if p in spec.projections]
+        _replace(model, name, lambda m, s=spec, e=E, n=name, t=projs: MoEFFN(m, s, t, cfg, e, ctx, n))
+    for name in todo.linear:
+        E = cfg.experts_in_layer(layer_index(name), n_layers)
+        _replace(model, name, lambda m, e=E, n=name: MoELinear(m, cfg, e, ctx, n))
+    for name in todo.save:
+        _replace(model, name, lambda m: TrainableCopy(m, ctx))
+    return todo
+
+
+def _attn_div(cfg: MoEConfig) -> float:
+    return cfg.attn_r**0.5 if cfg.use_rslora else cfg.attn_r
+
+
+def _replace(model: nn.Module, name: str, wrap) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, wrap(getattr(parent, child)))
+
+
+def _default_linear_targets(model: nn.Module, modules: dict[str, nn.Module]) -> list[str] | str:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in SPLIT_FFN_TARGETS:
+        return SPLIT_FFN_TARGETS[model_type]
+    return [
+        f"{n}.{p}"
+        for n, m in modules.items()
+        if in_language_model(n) and (s := find_ffn_spec(m))
+        for p in s.projections
+    ]
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Distinct dotted suffixes with layer numbers folded: `model.layers.0.mlp.up_proj` -> `mlp.up_proj`."""
+    out = []
+    for n in names:
+        parts = n.split(".")
+        tail = ".".join(parts[-2:]) if len(parts) > 1 else n
+        if tail not in out:
+            out.append(tail)
+    return out
+
+
+def _top(modules: dict[str, nn.Module]) -> list[str]:
+    return sorted({n.split(".")[0] for n in modules if n})

@@ -1,0 +1,327 @@
+"""Modules that wrap a frozen base module and add LoRA experts to its output.
+
+  MoEFFN     (`expert_type="ffn"`, MixLoRA, Li et al. 2024) wraps a whole feed-forward block. Expert i is
+             the FFN with W + s B_i A_i on its projections; the output is
+                 FFN(x) + sum_i g_i (FFN_i(x) - FFN(x))
+             which equals sum_i g_i FFN_i(x) when the g_i sum to 1 and keeps FFN(x) for a token without
+             experts. The fast path runs the frozen projections once: the input projections for all
+             tokens, and the output projection once on  h0 + sum_i g_i (h_i - h0)  (it is linear).
+  MoELinear  (`expert_type="linear"`, LoRAMoE / MoLA) wraps one linear layer: y = W x + sum_i g_i s B_i A_i x.
+  LoRALinear plain LoRA (attention projections under `attn_r`).
+  TrainableCopy  a trainable copy of a module (`modules_to_save`); the original serves the disabled adapter.
+
+All of them read the shared `RoutingContext` that the `MoEModel` fills before each forward (padding
+mask, adapter on/off, reference path), because transformers never passes the mask to an MLP.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moetune.architectures import FFNSpec, linear_dims
+from moetune.config import MoEConfig
+from moetune.experts import LoRAExperts
+from moetune.routing import Router, Routing
+from moetune.stats import accumulate_stats
+
+
+@dataclass
+class RoutingContext:
+    """State shared by the model wrapper and every layer, set per forward."""
+
+    token_mask: Tensor | None = None  # (B, S) bool, True for real tokens
+    adapter_enabled: bool = True
+    reference: bool = False  # use the slow per-expert loop (tests)
+    want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
+    contrastive_sample: int = 256
+    records: list = field(default_factory=list)
+
+    def mask_for(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
+        """(T,) bool mask for a layer input with leading shape `lead_shape`."""
+        T = lead_shape.numel()
+        m = self.token_mask
+        if m is not None and len(lead_shape) == 2 and m.dim() == 2 and m.shape[0] == lead_shape[0]:
+            if m.shape[1] >= lead_shape[1]:  # with a KV cache the mask also covers past tokens
+                return m[:, m.shape[1] - lead_shape[1] :].reshape(T).to(device)
+        elif m is not None and m.numel() == T:
+            return m.reshape(T).to(device)
+        return torch.ones(T, dtype=torch.bool, device=device)
+
+
+@dataclass
+class RouterRecord:
+    """One router's decisions in the last forward, for losses."""
+
+    name: str
+    routing: Routing
+    mask: Tensor  # (T,) bool
+    expert_outputs: Tensor | None = None  # (S, E, D) every expert's delta on S sampled tokens
+    sample_active: Tensor | None = None  # (S, E) bool
+
+
+class RoutedLayer(nn.Module):
+    """Common part of the MoE layers: a router over E experts (+ always-on shared experts)."""
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_router: int,
+        num_experts: int,
+        ctx: RoutingContext,
+        name: str,
+        device: torch.device | None,
+    ) -> None:
+        super().__init__()
+        self.ctx, self.layer_name = ctx, name
+        self.use_bias = cfg.bias_update_rate > 0
+        self.num_shared = cfg.num_shared_experts
+        self.router = Router(
+            d_router,
+            num_experts,
+            kind=cfg.router,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            capacity_factor=cfg.capacity_factor,
+            threshold_max=cfg.threshold_max,
+            router_dtype=cfg.router_dtype,
+            jitter=cfg.router_jitter,
+            device=device,
+        )
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+
+    def route(self, x_TD: Tensor, lead_shape: torch.Size) -> tuple[Routing, Tensor]:
+        mask_T = self.ctx.mask_for(lead_shape, x_TD.device)
+        routing = self.router(x_TD, mask_T, use_bias=self.use_bias)
+        with torch.no_grad():
+            accumulate_stats(self.router, routing, mask_T, count_step=self.training and self.use_bias)
+        record = RouterRecord(self.layer_name, routing, mask_T)
+        if self.ctx.want_expert_outputs:
+            sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
+            record.expert_outputs = self.all_expert_deltas(x_TD[sample])
+            record.sample_active = routing.assignment()[sample]
+        self.ctx.records.append(record)
+        return routing, mask_T
+
+    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _slots(self, routing: Routing, T: int) -> tuple[Tensor, Tensor]:
+        """Routed slots followed by the always-on shared experts (weight 1): (T, K+S) each."""
+        idx, w = (
+            routing.indices,
+            torch.where(routing.active, routing.weights, torch.zeros_like(routing.weights)),
+        )
+        if self.num_shared:
+            E = routing.num_experts
+            shared = torch.arange(E, E + self.num_shared, device=idx.device).expand(T, -1)
+            idx = torch.cat([idx, shared], 1)
+            w = torch.cat([w, torch.ones(T, self.num_shared, dtype=w.dtype, device=w.device)], 1)
+        return idx, w
+
+
+def _sample_real_tokens(mask_T: Tensor, n: int) -> Tensor:
+    real = mask_T.nonzero().squeeze(1)
+    return real[torch.randperm(real.numel(), device=real.device)[:n]].sort().values
+
+
+class MoEFFN(RoutedLayer):
+    """A feed-forward block whose experts are the FFN with their own LoRA on its projections."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        spec: FFNSpec,
+        targets: list[str],
+        cfg: MoEConfig,
+        num_experts: int,
+        ctx: RoutingContext,
+        name: str,
+    ) -> None:
+        first = getattr(base_layer, spec.in_projs[0])
+        weight = first.weight
+        super().__init__(cfg, linear_dims(first)[0], num_experts, ctx, name, weight.device)
+        self.base_layer, self.spec = base_layer, spec
+        total = num_experts + cfg.num_shared_experts
+        self.experts = nn.ModuleDict(
+            {
+                p: LoRAExperts(
+                    total,
+                    *linear_dims(getattr(base_layer, p)),
+                    cfg.r,
+                    cfg.scaling,
+                    dtype=_adapter_dtype(weight),
+                    device=weight.device,
+                )
+                for p in targets
+            }
+        )
+
+    def _proj(self, name: str) -> nn.Module:
+        return getattr(self.base_layer, name)
+
+    def _act(self):
+        return getattr(self.base_layer, self.spec.act_attr)
+
+    def _post(self, y: Tensor) -> Tensor:
+        return getattr(self.base_layer, self.spec.post_dropout)(y) if self.spec.post_dropout else y
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self.ctx.adapter_enabled:
+            return self.base_layer(x, *args, **kwargs)
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing, _ = self.route(x_TD, lead)
+        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
+        y = self._reference(x_TD, idx_TK, w_TK) if self.ctx.reference else self._fast(x_TD, idx_TK, w_TK)
+        return self._post(y).view(*lead, -1)
+
+    def _fast(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
+        T, K = idx_TK.shape
+        base_outs, slot_outs = [], []
+        for p in self.spec.in_projs:
+            base_TF = self._proj(p)(x_TD)
+            base_outs.append(base_TF)
+            if p in self.experts:
+                delta_TKF = self.experts[p].per_slot(xd_TD, idx_TK).to(base_TF.dtype)
+                slot_outs.append(base_TF[:, None] + delta_TKF)
+            else:
+                slot_outs.append(base_TF[:, None].expand(T, K, -1))
+        act = self._act()
+        h0_TF = self.spec.hidden(act, base_outs)
+        h_TKF = self.spec.hidden(act, slot_outs)
+        w_TK1 = w_TK[..., None].to(h0_TF.dtype)
+        mixed_TF = h0_TF + (w_TK1 * (h_TKF - h0_TF[:, None])).sum(1)
+        y_TD = self._proj(self.spec.out_proj)(mixed_TF)
+        if self.spec.out_proj in self.experts:
+            bank = self.experts[self.spec.out_proj]
+            y_TD = y_TD + bank.per_slot_reduce(self.lora_dropout(h_TKF), idx_TK, w_TK).to(y_TD.dtype)
+        return y_TD
+
+    def _expert_ffn(self, e: int | None, x_ND: Tensor, xd_ND: Tensor) -> Tensor:
+        """FFN_e(x) without the post dropout; e=None is the frozen FFN."""
+        outs = []
+        for p in self.spec.in_projs:
+            out = self._proj(p)(x_ND)
+            if e is not None and p in self.experts:
+                out = out + self.experts[p].expert(e, xd_ND).to(out.dtype)
+            outs.append(out)
+        h = self.spec.hidden(self._act(), outs)
+        y = self._proj(self.spec.out_proj)(h)
+        if e is not None and self.spec.out_proj in self.experts:
+            y = y + self.experts[self.spec.out_proj].expert(e, self.lora_dropout(h)).to(y.dtype)
+        return y
+
+    def _reference(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        """FFN(x) + sum_i g_i (FFN_i(x) - FFN(x)), one expert at a time on the tokens it was given."""
+        xd_TD = self.lora_dropout(x_TD)
+        y0_TD = self._expert_ffn(None, x_TD, xd_TD)
+        delta_TD = torch.zeros_like(y0_TD)
+        for e in range(self.experts_total):
+            g_TK = torch.where(idx_TK == e, w_TK, torch.zeros_like(w_TK)).sum(1)  # (T,)
+            rows = (idx_TK == e).any(1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows])
+            delta_TD = delta_TD.index_add(0, rows, g_TK[rows, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
+        return y0_TD + delta_TD
+
+    @property
+    def experts_total(self) -> int:
+        return self.router.num_experts + self.num_shared
+
+    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
+        """FFN_e(x) - FFN(x) for every routed expert e, no dropout: (S, E, D)."""
+        y0_SD = self._expert_ffn(None, x_SD, x_SD)
+        deltas = [self._expert_ffn(e, x_SD, x_SD) - y0_SD for e in range(self.router.num_experts)]
+        return torch.stack(deltas, 1)
+
+
+class MoELinear(RoutedLayer):
+    """A linear layer with E routed LoRA-delta experts: y = W x + sum_i g_i s B_i A_i x."""
+
+    def __init__(
+        self, base_layer: nn.Module, cfg: MoEConfig, num_experts: int, ctx: RoutingContext, name: str
+    ) -> None:
+        d_in, d_out = linear_dims(base_layer)
+        super().__init__(cfg, d_in, num_experts, ctx, name, base_layer.weight.device)
+        self.base_layer = base_layer
+        self.experts = LoRAExperts(
+            num_experts + cfg.num_shared_experts,
+            d_in,
+            d_out,
+            cfg.r,
+            cfg.scaling,
+            dtype=_adapter_dtype(base_layer.weight),
+            device=base_layer.weight.device,
+        )
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.ctx.adapter_enabled:
+            return y
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing, _ = self.route(x_TD, lead)
+        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
+        xd_TD = self.lora_dropout(x_TD)
+        if self.ctx.reference:
+            delta = torch.zeros(x_TD.shape[0], self.experts.d_out, dtype=self.experts.dtype, device=x.device)
+            for e in range(self.experts.num_experts):
+                g_T = torch.where(idx_TK == e, w_TK, torch.zeros_like(w_TK)).sum(1)
+                rows = (idx_TK == e).any(1).nonzero().squeeze(1)
+                if rows.numel():
+                    contrib = g_T[rows, None].to(delta.dtype) * self.experts.expert(e, xd_TD[rows])
+                    delta = delta.index_add(0, rows, contrib)
+        else:
+            w_TE = torch.zeros(x_TD.shape[0], self.experts.num_experts, dtype=w_TK.dtype, device=x.device)
+            delta = self.experts.dense(xd_TD, w_TE.scatter_add(1, idx_TK, w_TK))
+        return y + delta.view(*lead, -1).to(y.dtype)
+
+    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
+        E = self.router.num_experts
+        return torch.stack([self.experts.expert(e, x_SD) for e in range(E)], 1)  # (S, E, d_out)
+
+
+class LoRALinear(nn.Module):
+    """Plain LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + s B A dropout(x)."""
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, scaling: float, dropout: float, ctx: RoutingContext
+    ) -> None:
+        super().__init__()
+        self.base_layer, self.ctx = base_layer, ctx
+        d_in, d_out = linear_dims(base_layer)
+        w = base_layer.weight
+        self.lora = LoRAExperts(1, d_in, d_out, r, scaling, dtype=_adapter_dtype(w), device=w.device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.ctx.adapter_enabled:
+            return y
+        x_TD = self.lora_dropout(x.reshape(-1, x.shape[-1]))
+        delta = self.lora.expert(0, x_TD)
+        return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
+
+
+class TrainableCopy(nn.Module):
+    """`modules_to_save`: a trainable copy of a module; the frozen original serves `disable_adapter`."""
+
+    def __init__(self, original: nn.Module, ctx: RoutingContext) -> None:
+        super().__init__()
+        self.original, self.ctx = original, ctx
+        self.trained = copy.deepcopy(original)
+        self.trained.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return (self.trained if self.ctx.adapter_enabled else self.original)(*args, **kwargs)
+
+
+def _adapter_dtype(base_weight: Tensor) -> torch.dtype:
+    """Adapters keep fp32 master weights over low-precision bases (as peft's autocast_adapter_dtype)."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32

@@ -1,0 +1,209 @@
+"""Routers: score E experts per token and choose which ones combine, and with what weights.
+
+A router is a linear map to E logits computed in `router_dtype` (fp32 by default, survey §3.1), a
+softmax, and one small *routing function* that turns probabilities into slots. The result keeps the
+raw logits, the probabilities and the chosen slots apart (`Routing`), so that losses and statistics
+read exactly what the layer used.
+
+Routing functions (pluggable through `ROUTING_FUNCTIONS`; each returns indices, weights and an
+"active" flag per slot, shape (T, K)):
+  topk       keep the k best experts, renormalise their probabilities (Shazeer et al. 2017; MixLoRA).
+  topp       smallest set with probability mass >= top_p, renormalised (dynamic routing, Huang et al. 2024).
+  soft       every expert with its probability (dense mixture).
+  switch     top-1 with weight p (Fedus et al. 2021); each expert takes at most
+             ceil(capacity_factor * T / E) real tokens, in token order; the rest keep the base output.
+  threshold  AdaMoLE (Liu & Luo 2024): tau = tau_max * sigmoid(w_t . x + b_t) per token; experts with
+             p >= tau are active with weights (p - tau) / sum(p - tau).
+With aux-loss-free balancing (DeepSeek-V3, Wang et al. 2024) selection uses p + b and weights use p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """What a router decided for T tokens; K slots per token (K = k, 1 or E by router)."""
+
+    logits: Tensor  # (T, E) raw router logits, router dtype
+    probs: Tensor  # (T, E) softmax(logits), unbiased
+    indices: Tensor  # (T, K) expert of each slot
+    weights: Tensor  # (T, K) combine weight of each slot; 0 where the slot is unused
+    active: Tensor  # (T, K) bool: the slot is really assigned (counts for losses and statistics)
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[-1]
+
+    def dense_weights(self) -> Tensor:
+        """Combine weights scattered to experts: (T, E), 0 for experts not chosen."""
+        w_TK = torch.where(self.active, self.weights, torch.zeros_like(self.weights))
+        return torch.zeros_like(self.probs).scatter_add(-1, self.indices, w_TK.to(self.probs.dtype))
+
+    def assignment(self) -> Tensor:
+        """(T, E) bool: expert e holds a slot of token t."""
+        hits = torch.zeros(self.probs.shape, dtype=torch.int32, device=self.probs.device)
+        return hits.scatter_add(-1, self.indices, self.active.int()) > 0
+
+
+def _renormalise(w_TK: Tensor) -> Tensor:
+    return w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
+
+
+def route_topk(probs: Tensor, scores: Tensor, *, top_k: int, **_: object) -> tuple[Tensor, Tensor, Tensor]:
+    idx_TK = scores.topk(top_k, dim=-1).indices
+    w_TK = _renormalise(probs.gather(-1, idx_TK))
+    return idx_TK, w_TK, torch.ones_like(idx_TK, dtype=torch.bool)
+
+
+def route_topp(probs: Tensor, scores: Tensor, *, top_p: float, **_: object) -> tuple[Tensor, Tensor, Tensor]:
+    idx_TE = scores.argsort(dim=-1, descending=True, stable=True)
+    p_TE = probs.gather(-1, idx_TE)
+    mass_before_TE = p_TE.cumsum(-1) - p_TE
+    active_TE = mass_before_TE < top_p  # the best expert is always in
+    active_TE[:, 0] = True
+    w_TE = _renormalise(torch.where(active_TE, p_TE, torch.zeros_like(p_TE)))
+    return idx_TE, w_TE, active_TE
+
+
+def route_soft(probs: Tensor, scores: Tensor, **_: object) -> tuple[Tensor, Tensor, Tensor]:
+    T, E = probs.shape
+    idx_TE = torch.arange(E, device=probs.device).expand(T, E)
+    return idx_TE, probs, torch.ones_like(idx_TE, dtype=torch.bool)
+
+
+def route_switch(
+    probs: Tensor, scores: Tensor, *, mask: Tensor, capacity_factor: float, **_: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    E = probs.shape[-1]
+    idx_T1 = scores.argmax(-1, keepdim=True)
+    onehot_TE = F.one_hot(idx_T1[:, 0], E) * mask[:, None].long()  # padding takes no capacity
+    position_TE = onehot_TE.cumsum(0)  # 1-based arrival order of each token at its expert
+    capacity = torch.ceil(capacity_factor * mask.sum() / E)
+    fits_T1 = (position_TE.gather(-1, idx_T1) <= capacity) & mask[:, None]
+    w_T1 = torch.where(fits_T1, probs.gather(-1, idx_T1), torch.zeros((), dtype=probs.dtype))
+    return idx_T1, w_T1, fits_T1
+
+
+def route_threshold(
+    probs: Tensor, scores: Tensor, *, tau: Tensor, **_: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    T, E = probs.shape
+    idx_TE = torch.arange(E, device=probs.device).expand(T, E)
+    active_TE = scores >= tau  # tau: (T, 1)
+    excess_TE = torch.where(active_TE, (probs - tau).clamp_min(0), torch.zeros_like(probs))
+    total_T1 = excess_TE.sum(-1, keepdim=True)
+    w_TE = excess_TE / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
+    return idx_TE, w_TE, active_TE
+
+
+RoutingFunction = Callable[..., tuple[Tensor, Tensor, Tensor]]
+ROUTING_FUNCTIONS: dict[str, RoutingFunction] = {
+    "topk": route_topk,
+    "topp": route_topp,
+    "soft": route_soft,
+    "switch": route_switch,
+    "threshold": route_threshold,
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class Router(nn.Module):
+    """Linear router over E experts held as one weight block per task (so old rows can be frozen).
+
+    Buffers: `expert_bias` (E,) for aux-loss-free balancing (saved with the adapter); running counts
+    for the bias update and the routing statistics (not saved).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        *,
+        kind: str = "topk",
+        top_k: int = 2,
+        top_p: float = 0.8,
+        capacity_factor: float = 1.25,
+        threshold_max: float | None = None,
+        router_dtype: str = "float32",
+        jitter: float = 0.0,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind, self.top_k, self.top_p = kind, top_k, top_p
+        self.capacity_factor, self.jitter = capacity_factor, jitter
+        self.threshold_max = threshold_max
+        self.dtype = DTYPES[router_dtype]
+        param_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.weight_blocks = nn.ParameterList([self._new_rows(num_experts, d_in, param_dtype, device)])
+        # AdaMoLE's threshold network (only for the threshold router)
+        self.threshold = nn.Linear(d_in, 1, device=device, dtype=param_dtype) if kind == "threshold" else None
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=param_dtype, device=device))
+        # running statistics (moetune.stats), not saved
+        counts = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.register_buffer("step_counts", counts.clone(), persistent=False)  # since the optimizer step
+        self.register_buffer("load_counts", counts.clone(), persistent=False)  # since the last stats reset
+        self.register_buffer(
+            "entropy_sum", torch.zeros((), dtype=torch.float64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "token_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False
+        )
+
+    @staticmethod
+    def _new_rows(n: int, d_in: int, dtype: torch.dtype, device: torch.device | None) -> nn.Parameter:
+        return nn.Parameter(torch.randn(n, d_in, dtype=dtype, device=device) * 0.02)
+
+    @property
+    def num_experts(self) -> int:
+        return sum(w.shape[0] for w in self.weight_blocks)
+
+    @property
+    def weight(self) -> Tensor:
+        """(E, d_in) all rows, task blocks in order."""
+        blocks = list(self.weight_blocks)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, num_experts={self.num_experts}, dtype={self.dtype}"
+
+    def forward(self, x_TD: Tensor, mask_T: Tensor, use_bias: bool = False) -> Routing:
+        x_TD = x_TD.to(self.dtype)
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * noise  # a new tensor: the caller's input is left untouched
+        logits_TE = F.linear(x_TD, self.weight.to(self.dtype))
+        probs_TE = logits_TE.softmax(-1)
+        scores_TE = probs_TE + self.expert_bias.to(self.dtype) if use_bias else probs_TE
+        tau_T1 = None
+        if self.threshold is not None:
+            tau_max = self.threshold_max if self.threshold_max is not None else 1.0 / self.num_experts
+            weight, bias = self.threshold.weight.to(self.dtype), self.threshold.bias.to(self.dtype)
+            tau_T1 = tau_max * torch.sigmoid(F.linear(x_TD, weight, bias))
+        idx, w, active = ROUTING_FUNCTIONS[self.kind](
+            probs_TE,
+            scores_TE,
+            mask=mask_T,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            capacity_factor=self.capacity_factor,
+            tau=tau_T1,
+        )
+        return Routing(logits_TE, probs_TE, idx, w, active)
+
+
+def max_slots(kind: str, top_k: int, num_experts: int) -> int:
+    """K, the slots per token a routing function returns."""
+    return {"topk": top_k, "switch": 1}.get(kind, num_experts)

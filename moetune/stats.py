@@ -1,0 +1,61 @@
+"""Routing statistics (survey §3.1: router imbalance measured and shown). Padding never counts.
+
+Each router accumulates, between resets, the slots each expert received and the entropy of its
+probabilities; `summarize` turns them into the numbers users read: tokens per expert, load CV
+(std / mean of the counts, 0 = perfectly even), mean router entropy in nats (log E = uniform), and
+dead experts (no token at all). Under data parallelism the counts are summed across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moetune.routing import Router, Routing
+
+
+@torch.no_grad()
+def accumulate_stats(router: Router, routing: Routing, mask_T: Tensor, count_step: bool) -> None:
+    counts_E = (routing.assignment() & mask_T[:, None]).sum(0).to(torch.float64)
+    router.load_counts += counts_E
+    if count_step:
+        router.step_counts += counts_E
+    p_NE = routing.probs[mask_T].to(torch.float64)
+    router.entropy_sum += -(p_NE * p_NE.clamp_min(1e-300).log()).sum()
+    router.token_count += mask_T.sum()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum over data-parallel ranks (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def load_cv(counts_E: Tensor) -> float:
+    """Coefficient of variation of expert loads (population std / mean); 0 when no token was routed."""
+    mean = counts_E.double().mean()
+    return 0.0 if mean == 0 else float(counts_E.double().std(unbiased=False) / mean)
+
+
+def summarize(router: Router) -> dict[str, Any]:
+    counts_E = all_reduce_sum(router.load_counts)
+    totals = all_reduce_sum(torch.stack([router.entropy_sum, router.token_count]))
+    tokens = float(totals[1])
+    return {
+        "tokens": int(tokens),
+        "tokens_per_expert": [int(c) for c in counts_E.tolist()],
+        "load_cv": load_cv(counts_E),
+        "entropy": float(totals[0]) / tokens if tokens else float("nan"),
+        "max_entropy": float(torch.log(torch.tensor(float(counts_E.numel())))),
+        "dead_experts": [i for i, c in enumerate(counts_E.tolist()) if c == 0] if tokens else [],
+    }
+
+
+def reset(router: Router) -> None:
+    for buf in (router.load_counts, router.entropy_sum, router.token_count):
+        buf.zero_()
