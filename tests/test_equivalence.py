@@ -1,0 +1,212 @@
+"""The fast expert paths equal the slow per-expert reference (float64), and a case computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import moetune
+from moetune.experts import LoRAExperts
+from moetune.layers import MoEFFN, MoELinear, RoutingContext
+
+try:
+    from tests.tiny_models import tiny_batch, tiny_model
+except ImportError:  # pragma: no cover
+    from tiny_models import tiny_batch, tiny_model
+
+ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
+
+
+def randomize_(model: moetune.MoEModel, seed: int = 0, tie: bool = False) -> None:
+    """Nonzero A and B, spread-out routers; with `tie`, experts 0 and 1 get identical router rows."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoRAExperts):
+            for p in [*module.lora_A, *module.lora_B]:
+                p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
+    for _, layer in model.moe_layers():
+        w = layer.router.weight_blocks[0]
+        w.data = torch.randn(w.shape, generator=g, dtype=w.dtype)
+        if tie:
+            w.data[1] = w.data[0]
+
+
+def run(
+    model: moetune.MoEModel, batch: dict, reference: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    if reference:
+        with model.reference_path():
+            out = model(**batch)
+    else:
+        out = model(**batch)
+    logits = out.logits
+    probe = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+    ((logits * probe).sum() + model.weighted_aux_loss()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return logits.detach(), grads
+
+
+def assert_paths_agree(model: moetune.MoEModel, batch: dict) -> None:
+    model.train()  # dropout 0 and jitter 0: routing is deterministic, gradients flow
+    fast_out, fast_grads = run(model, batch, reference=False)
+    ref_out, ref_grads = run(model, batch, reference=True)
+    torch.testing.assert_close(fast_out, ref_out, rtol=1e-10, atol=1e-10)
+    assert fast_grads.keys() == ref_grads.keys()
+    assert any("lora_B" in n for n in fast_grads)
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+CASES = [
+    ("llama", "ffn"),
+    ("llama", "linear"),
+    ("gpt2", "ffn"),
+    ("gpt2", "linear"),
+    ("phi3", "ffn"),
+    ("bert", "linear"),
+]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family,expert_type", CASES)
+def test_fast_equals_reference(family: str, expert_type: str, router: str) -> None:
+    base = tiny_model(family, dtype=torch.float64)
+    cfg = moetune.MoEConfig(
+        expert_type=expert_type,
+        router=router,
+        num_experts=4,
+        top_k=2,
+        r=3,
+        lora_dropout=0.0,
+        router_dtype="float64",
+        capacity_factor=0.5,
+        num_shared_experts=1 if router == "topk" else 0,
+        importance_loss_coef=0.1,
+        aux_loss_coef=0.0 if router == "soft" else 0.01,
+    )
+    model = moetune.get_moe_model(base, cfg)
+    randomize_(model, tie=router in ("topk", "topp"))
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    assert_paths_agree(model, batch)
+
+
+def test_switch_overflow_really_happens() -> None:
+    """The switch case above drops tokens: some real tokens keep only the base output."""
+    base = tiny_model("llama", dtype=torch.float64)
+    model = moetune.get_moe_model(
+        base, moetune.MoEConfig(router="switch", num_experts=4, capacity_factor=0.5, router_dtype="float64")
+    )
+    randomize_(model)
+    model(**tiny_batch("llama", batch=3, seq=9))
+    stats = next(iter(model.routing_stats().values()))
+    real = stats["tokens"]
+    assert sum(stats["tokens_per_expert"]) < real  # overflow tokens hold no slot
+    assert max(stats["tokens_per_expert"]) <= math.ceil(0.5 * real / 4)
+
+
+def test_ties_are_exercised() -> None:
+    """With identical router rows, experts 0 and 1 have equal probabilities on every token."""
+    base = tiny_model("llama", dtype=torch.float64)
+    model = moetune.get_moe_model(base, moetune.MoEConfig(router_dtype="float64", num_experts=4))
+    randomize_(model, tie=True)
+    layer = next(layer for _, layer in model.moe_layers())
+    x = torch.randn(5, 32, dtype=torch.float64)
+    routing = layer.router(x, torch.ones(5, dtype=torch.bool))
+    assert torch.equal(routing.probs[:, 0], routing.probs[:, 1])
+
+
+# ---- a case computed by hand ---------------------------------------------------------------------
+def _linear(weight: list[list[float]]) -> nn.Linear:
+    w = torch.tensor(weight, dtype=torch.float64)
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
+    layer.weight.data = w
+    return layer
+
+
+def _hand_layer(layer: MoELinear | MoEFFN, router_rows: list[list[float]]) -> None:
+    layer.router.weight_blocks[0].data = torch.tensor(router_rows, dtype=torch.float64)
+
+
+CFG = dict(num_experts=3, top_k=2, r=1, lora_alpha=2, lora_dropout=0.0, router_dtype="float64")
+# Router logits for x = (1, 0, 0, 0) are (2, 1, 0): experts 0 and 1 are chosen with weights
+# g0 = e^2 / (e^2 + e) = e / (e + 1) and g1 = 1 / (e + 1).
+ROUTER = [[2.0, 0, 0, 0], [1.0, 0, 0, 0], [0.0, 0, 0, 0]]
+X = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+G0, G1 = math.e / (math.e + 1), 1 / (math.e + 1)
+
+
+def test_linear_layer_by_hand() -> None:
+    cfg = moetune.MoEConfig(expert_type="linear", **CFG)
+    W = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]
+    layer = MoELinear(_linear(W), cfg, 3, RoutingContext(), "hand")
+    _hand_layer(layer, ROUTER)
+    # expert 0: A = (1,0,0,0), B = (1,2,3,4)^T -> delta0 = s * 1 * (1,2,3,4), s = alpha / r = 2
+    # expert 1: A = (2,0,0,0), B = (0,1,0,1)^T -> delta1 = s * 2 * (0,1,0,1)
+    # expert 2: large, but never chosen
+    layer.experts.lora_A[0].data = torch.tensor(
+        [[[1.0, 0, 0, 0]], [[2.0, 0, 0, 0]], [[9.0, 9, 9, 9]]], dtype=torch.float64
+    )
+    layer.experts.lora_B[0].data = torch.tensor(
+        [[[1.0], [2], [3], [4]], [[0.0], [1], [0], [1]], [[9.0], [9], [9], [9]]], dtype=torch.float64
+    )
+    expected = [1 + 2 * G0 * 1, 2 * G0 * 2 + 2 * G1 * 2, 2 * G0 * 3, 2 * G0 * 4 + 2 * G1 * 2]
+    for reference in (False, True):
+        layer.ctx.reference = reference
+        y = layer(X)
+        assert y[0].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+class IdentityGatedMLP(nn.Module):
+    """down(act(gate x) * up x) with act = identity, small enough to work out by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = _linear([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        self.up_proj = _linear([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+        self.down_proj = _linear([[1.0, 0], [0, 1.0], [1.0, 1.0], [0, 0]])
+        self.act_fn = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_ffn_layer_by_hand() -> None:
+    cfg = moetune.MoEConfig(expert_type="ffn", target_modules=["gate_proj"], **CFG)
+    mlp = IdentityGatedMLP()
+    spec = moetune.architectures.find_ffn_spec(mlp)
+    layer = MoEFFN(mlp, spec, ["gate_proj"], cfg, 3, RoutingContext(), "hand")
+    _hand_layer(layer, ROUTER)
+    # Base: gate x = (1, 0), up x = (1, 1), h0 = (1, 0), FFN(x) = down h0 = (1, 0, 1, 0).
+    # Expert e adds s * B_e (A_e x) to gate x. Expert 0: A=(1,0,0,0), B=(0,1)^T -> gate = (1, 2) ->
+    # h = (1, 2) -> FFN_0 = (1, 2, 3, 0). Expert 1: A=(3,0,0,0), B=(1,0)^T -> gate = (7, 0) -> h = (7, 0)
+    # -> FFN_1 = (7, 0, 7, 0). Output = FFN + g0 (FFN_0 - FFN) + g1 (FFN_1 - FFN).
+    bank = layer.experts["gate_proj"]
+    bank.lora_A[0].data = torch.tensor(
+        [[[1.0, 0, 0, 0]], [[3.0, 0, 0, 0]], [[5.0, 5, 5, 5]]], dtype=torch.float64
+    )
+    bank.lora_B[0].data = torch.tensor([[[0.0], [1]], [[1.0], [0]], [[5.0], [5]]], dtype=torch.float64)
+    ffn, ffn0, ffn1 = [1, 0, 1, 0], [1, 2, 3, 0], [7, 0, 7, 0]
+    expected = [f + G0 * (a - f) + G1 * (b - f) for f, a, b in zip(ffn, ffn0, ffn1, strict=True)]
+    for reference in (False, True):
+        layer.ctx.reference = reference
+        assert layer(X)[0].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_ffn_decomposition_matches_each_family_forward() -> None:
+    """FFNSpec's post(out(hidden(in(x)))) is each family's own MLP forward."""
+    from moetune.architectures import find_ffn_spec
+
+    for family in ["llama", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "qwen2", "mistral"]:
+        base = tiny_model(family, dtype=torch.float64)
+        mlps = [m for m in base.modules() if find_ffn_spec(m) is not None]
+        assert mlps, family
+        mlp, spec = mlps[0], find_ffn_spec(mlps[0])
+        layer = MoEFFN(mlp, spec, [], moetune.MoEConfig(), 2, RoutingContext(), "x")
+        x = torch.randn(2, 5, 32, dtype=torch.float64)
+        x_TD = x.reshape(-1, 32)
+        ours = layer._post(layer._expert_ffn(None, x_TD, x_TD)).view(2, 5, -1)
+        torch.testing.assert_close(ours, mlp(x), rtol=0, atol=1e-12, msg=family)
