@@ -17,7 +17,7 @@ mask, adapter on/off, reference path), because transformers never passes the mas
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ class RoutingContext:
     reference: bool = False  # use the slow per-expert loop (tests)
     want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
     contrastive_sample: int = 256
-    records: list = field(default_factory=list)
+    records: list | None = None  # filled during a MoEModel forward only (not during generate)
 
     def mask_for(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
         """(T,) bool mask for a layer input with leading shape `lead_shape`."""
@@ -103,7 +103,8 @@ class RoutedLayer(nn.Module):
             sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
             record.expert_outputs = self.all_expert_deltas(x_TD[sample])
             record.sample_active = routing.assignment()[sample]
-        self.ctx.records.append(record)
+        if self.ctx.records is not None:
+            self.ctx.records.append(record)
         return routing, mask_T
 
     def all_expert_deltas(self, x_SD: Tensor) -> Tensor:

@@ -72,7 +72,7 @@ class MoEModel(nn.Module):
             out = self.base_model(**inputs)
             records = ctx.records
         finally:
-            ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, [], False
+            ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
         if records:
             self._check_finite(records)
             self._aux = self._balance_losses(records)
@@ -131,7 +131,10 @@ class MoEModel(nn.Module):
             for k, v in self._aux.items()
             if getattr(self.moe_config, self.COEFS[k]) > 0
         ]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        if terms:
+            return torch.stack(terms).sum()
+        device = next(iter(self._aux.values())).device if self._aux else None
+        return torch.zeros((), device=device)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Balance losses of the last forward (unweighted, averaged over routers)."""

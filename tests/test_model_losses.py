@@ -1,0 +1,75 @@
+"""Balance losses wired into the model: which are computed, and that they reach the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetune
+from moetune.experts import LoRAExperts
+from tests.tiny_models import tiny_batch, tiny_model
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "linear"])
+@pytest.mark.parametrize("mode", ["expert", "survey"])
+def test_contrastive_loss_trains_every_expert(expert_type: str, mode: str) -> None:
+    cfg = moetune.MoEConfig(
+        expert_type=expert_type,
+        num_experts=4,
+        contrastive_loss_coef=0.1,
+        contrastive_mode=mode,
+        contrastive_sample=8,
+        lora_dropout=0.0,
+    )
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    for module in model.modules():
+        if isinstance(module, LoRAExperts):
+            for B in module.lora_B:
+                B.data.normal_()
+    model.train()
+    model(**tiny_batch("llama"))
+    aux = model.aux_losses()
+    assert set(aux) == {"aux_loss", "z_loss", "importance_loss", "contrastive_loss"}
+    aux["contrastive_loss"].backward()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # every expert's B (all experts' outputs enter the loss)
+            assert p.grad is not None and (p.grad.flatten(1).abs().sum(1) > 0).all(), name
+
+
+def test_contrastive_only_in_training() -> None:
+    cfg = moetune.MoEConfig(num_experts=4, contrastive_loss_coef=0.1)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg).eval()
+    model(**tiny_batch("llama"))
+    assert "contrastive_loss" not in model.aux_losses()
+
+
+def test_weighted_aux_loss_uses_coefficients() -> None:
+    cfg = moetune.MoEConfig(num_experts=4, aux_loss_coef=0.5, z_loss_coef=0.25, importance_loss_coef=2.0)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    model(**tiny_batch("llama"))
+    aux = model.aux_losses()
+    expected = 0.5 * aux["aux_loss"] + 0.25 * aux["z_loss"] + 2.0 * aux["importance_loss"]
+    torch.testing.assert_close(model.weighted_aux_loss(), expected)
+
+
+def test_losses_average_over_routers() -> None:
+    """aux_losses() is the mean over the layers' routers of each loss, from their own logits."""
+    cfg = moetune.MoEConfig(num_experts=4, top_k=2)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    seen = {}
+    for name, layer in model.moe_layers():
+        layer.router.register_forward_hook(lambda mod, args, out, n=name: seen.__setitem__(n, (out, args[1])))
+    model(**tiny_batch("llama"))
+    z = torch.stack([moetune.losses.z_loss(r.logits, mask=m) for r, m in seen.values()]).mean()
+    aux = torch.stack([moetune.losses.switch_aux_loss(r.logits, 2, mask=m) for r, m in seen.values()]).mean()
+    assert len(seen) == 2
+    torch.testing.assert_close(model.aux_losses()["z_loss"], z)
+    torch.testing.assert_close(model.aux_losses()["aux_loss"], aux)
+
+
+def test_nonfinite_router_input_names_the_layer() -> None:
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4))
+    # NaN in layer 1's attention norm: layer 0's router sees finite input, layer 1's does not
+    model.get_base_model().model.layers[1].input_layernorm.weight.data[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"layers\.1\.mlp"):
+        model(**tiny_batch("llama"))
