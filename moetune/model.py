@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +33,18 @@ class MoEModel(nn.Module):
         self.moe_config = config
         self._ctx = RoutingContext(contrastive_sample=config.contrastive_sample)
         self._aux: dict[str, Tensor] = {}
+        # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
+        self.balance_losses_in_output = True
         inject(model, config, self._ctx)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Read by transformers' Trainer: whether forward takes `num_items_in_batch` (the base's answer)."""
+        base = self.base_model
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        params = inspect.signature(base.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
@@ -76,7 +88,11 @@ class MoEModel(nn.Module):
         if records:
             self._check_finite(records)
             self._aux = self._balance_losses(records)
-            if labels is not None and getattr(out, "loss", None) is not None:
+            if (
+                self.balance_losses_in_output
+                and labels is not None
+                and getattr(out, "loss", None) is not None
+            ):
                 out.loss = out.loss + self.weighted_aux_loss()
         return out
 

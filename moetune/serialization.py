@@ -94,11 +94,23 @@ def load_adapter(
     cls: type[MoEModel], base: nn.Module, path: str | os.PathLike, is_trainable: bool
 ) -> MoEModel:
     path = os.fspath(path)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights}: no moetune adapter weights here")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such adapter directory")
     config, _ = MoEConfig.load(path)
     model = cls(base, config)
+    load_adapter_weights(model, path)
+    if not is_trainable:
+        for _, module in model.adapter_modules():
+            module.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_adapter_weights(model: MoEModel, directory: str | os.PathLike) -> None:
+    """Copy `moetune_model.safetensors` into an injected model, after checking every name and shape."""
+    weights = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: no moetune adapter weights here")
     expected = adapter_state_dict(model)
     try:
         with safe_open(weights, framework="pt") as fh:
@@ -121,8 +133,3 @@ def load_adapter(
     with torch.no_grad():
         for key, tensor in saved.items():
             expected[key].copy_(tensor)
-    if not is_trainable:
-        for _, module in model.adapter_modules():
-            module.requires_grad_(False)
-        model.eval()
-    return model

@@ -1,0 +1,158 @@
+"""Training with transformers' Trainer (and TRL's trainers): `MoETrainerMixin` / `MoETrainer`.
+
+What the mixin adds to a Trainer:
+- the balance losses, added in `compute_loss` after the Trainer's own loss, so label smoothing and a
+  custom `compute_loss_func` keep them, and scaled like one micro-batch mean per optimizer step:
+  when the Trainer does not divide the loss by the accumulation steps (the model takes
+  `num_items_in_batch`), the mixin divides the balance losses itself; they are never multiplied by the
+  world size (they are per-rank micro-batch means, as in Switch and transformers; DDP averages them);
+- the aux-loss-free bias update once per optimizer step (a callback);
+- the routers in their own optimizer group: learning rate x `router_lr_multiplier`, no weight decay;
+- router metrics in the logs: each balance loss, mean load CV and dead experts since the last log;
+- checkpoints that hold the adapter only (+ optimizer, scheduler, RNG state), and resume from them.
+
+Use `MoETrainer` as a drop-in Trainer, or mix into TRL: `class MoESFTTrainer(MoETrainerMixin, SFTTrainer)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from moetune.model import MoEModel
+from moetune.serialization import load_adapter_weights
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def unwrap_moe(model: nn.Module) -> MoEModel:
+    """The MoEModel inside DDP/accelerate/compile wrappers."""
+    seen = model
+    while not isinstance(seen, MoEModel):
+        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a moetune MoEModel (from get_moe_model), got {type(model).__name__}")
+        seen = inner
+    return seen
+
+
+class _ExpertBiasCallback(TrainerCallback):
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        unwrap_moe(self.trainer.model).update_expert_bias()
+
+
+class MoETrainerMixin:
+    """Mix into a `transformers.Trainer` subclass (first in the bases); see the module docstring."""
+
+    def __init__(self, *args: Any, router_lr_multiplier: float = 1.0, **kwargs: Any) -> None:
+        if router_lr_multiplier <= 0:
+            raise ValueError(f"router_lr_multiplier={router_lr_multiplier}: must be > 0")
+        self.router_lr_multiplier = router_lr_multiplier
+        super().__init__(*args, **kwargs)
+        unwrap_moe(self.model)  # fail early on a model without experts
+        self.add_callback(_ExpertBiasCallback(self))
+        self._aux_sums: dict[str, float] = defaultdict(float)
+        self._aux_count = 0
+
+    # ---- loss --------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        moe = unwrap_moe(model)
+        moe.balance_losses_in_output = False
+        try:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            moe.balance_losses_in_output = True
+        if moe.aux_losses():
+            balance = moe.weighted_aux_loss()
+            if model.training:
+                self._remember(moe)
+                if self._task_loss_is_scaled_for_ga(num_items_in_batch):
+                    balance = balance / self.current_gradient_accumulation_steps
+            loss = loss + balance.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of Trainer.training_step: is the loss already normalised over the accumulated batch?"""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
+        )
+
+    def _remember(self, moe: MoEModel) -> None:
+        for name, value in moe.aux_losses().items():
+            self._aux_sums[name] += float(value.detach())
+        self._aux_count += 1
+
+    # ---- optimizer ---------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        routers = {
+            id(p) for _, layer in unwrap_moe(opt_model).moe_layers() for p in layer.router.parameters()
+        }
+        groups: dict[str, dict[str, Any]] = {
+            "decay": {"params": [], "weight_decay": self.args.weight_decay},
+            "no_decay": {"params": [], "weight_decay": 0.0},
+            "router": {
+                "params": [],
+                "weight_decay": 0.0,
+                "lr": self.args.learning_rate * self.router_lr_multiplier,
+            },
+        }
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                key = "router" if id(p) in routers else "decay" if name in decay else "no_decay"
+                groups[key]["params"].append(p)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls([g for g in groups.values() if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- logs --------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._aux_count and "loss" in logs:
+            for name, total in self._aux_sums.items():
+                logs[f"moe/{name}"] = round(total / self._aux_count, 6)
+            self._aux_sums.clear()
+            self._aux_count = 0
+            moe = unwrap_moe(self.model)
+            layer_stats = list(moe.routing_stats().values())
+            if layer_stats and layer_stats[0]["tokens"]:
+                logs["moe/load_cv"] = round(sum(s["load_cv"] for s in layer_stats) / len(layer_stats), 4)
+                logs["moe/dead_experts"] = sum(len(s["dead_experts"]) for s in layer_stats)
+            moe.reset_routing_stats()
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unwrap_moe(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_adapter_weights(unwrap_moe(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_weights(unwrap_moe(self.model), self.state.best_model_checkpoint)
+
+
+class MoETrainer(MoETrainerMixin, Trainer):
+    """transformers.Trainer for a moetune `MoEModel` (see `MoETrainerMixin`)."""
