@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moetune.model import MoEModel
 from moetune.serialization import load_adapter_weights
@@ -49,6 +50,16 @@ class _ExpertBiasCallback(TrainerCallback):
         unwrap_moe(self.trainer.model).update_expert_bias()
 
 
+class _LabelSmootherShift:
+    """The Trainer's label smoother, shifting labels iff the wrapped base model is a causal LM."""
+
+    def __init__(self, smoother, causal: bool) -> None:
+        self.smoother, self.causal = smoother, causal
+
+    def __call__(self, outputs, labels, shift_labels: bool = False, **kwargs):
+        return self.smoother(outputs, labels, shift_labels=self.causal, **kwargs)
+
+
 class MoETrainerMixin:
     """Mix into a `transformers.Trainer` subclass (first in the bases); see the module docstring."""
 
@@ -57,8 +68,12 @@ class MoETrainerMixin:
             raise ValueError(f"router_lr_multiplier={router_lr_multiplier}: must be > 0")
         self.router_lr_multiplier = router_lr_multiplier
         super().__init__(*args, **kwargs)
-        unwrap_moe(self.model)  # fail early on a model without experts
+        moe = unwrap_moe(self.model)  # fail early on a model without experts
         self.add_callback(_ExpertBiasCallback(self))
+        if self.label_smoother is not None:
+            # The Trainer decides whether to shift labels from the model's class name, which is ours.
+            causal = type(moe.base_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            self.label_smoother = _LabelSmootherShift(self.label_smoother, causal)
         self._aux_sums: dict[str, float] = defaultdict(float)
         self._aux_count = 0
 
