@@ -31,6 +31,7 @@ class InjectionPlan:
     linear: list[str] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
     save: list[str] = field(default_factory=list)
+    experts: dict[str, int] = field(default_factory=dict)  # routed experts per MoE module
 
 
 def num_layers_of(model: nn.Module) -> int:
@@ -103,13 +104,26 @@ def plan(model: nn.Module, cfg: MoEConfig) -> InjectionPlan:
                 f"modules_to_save: {name!r} matches no module; top-level modules: {_top(modules)}"
             )
         result.save += hits
+    adapted = [*result.ffn, *result.linear, *result.attention]
+    for saved in result.save:
+        clash = next(
+            (a for a in adapted if a == saved or a.startswith(saved + ".") or saved.startswith(a + ".")), None
+        )
+        if clash is not None:
+            raise ValueError(
+                f"modules_to_save: {saved!r} overlaps {clash!r}, which already carries experts or LoRA; "
+                "a module may carry one adapter: save a module outside the adapted ones (e.g. lm_head)"
+            )
+    # per-layer expert counts, checked before anything is changed
+    n_layers = num_layers_of(model) if isinstance(cfg.num_experts, list) else 0
+    for name in [*result.ffn, *result.linear]:
+        result.experts[name] = cfg.experts_in_layer(layer_index(name) if n_layers else 0, n_layers)
     return result
 
 
 def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPlan:
     """Freeze `model` and wrap what `cfg` targets, in place."""
-    todo = plan(model, cfg)
-    n_layers = num_layers_of(model)
+    todo = plan(model, cfg)  # raises before anything changes
     model.requires_grad_(False)
     for name in todo.attention:
         _replace(
@@ -118,15 +132,28 @@ def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPl
             lambda m: LoRALinear(m, cfg.attn_r, cfg.lora_alpha / _attn_div(cfg), cfg.lora_dropout, ctx),
         )
     for name, spec in todo.ffn.items():
-        E = cfg.experts_in_layer(layer_index(name), n_layers)
+        E = todo.experts[name]
         projs = [p for p in todo.ffn_projections if p in spec.projections]
         _replace(model, name, lambda m, s=spec, e=E, n=name, t=projs: MoEFFN(m, s, t, cfg, e, ctx, n))
     for name in todo.linear:
-        E = cfg.experts_in_layer(layer_index(name), n_layers)
+        E = todo.experts[name]
         _replace(model, name, lambda m, e=E, n=name: MoELinear(m, cfg, e, ctx, n))
     for name in todo.save:
         _replace(model, name, lambda m: TrainableCopy(m, ctx))
     return todo
+
+
+def eject(model: nn.Module, trainable: dict[str, bool]) -> None:
+    """Undo `inject`: put every wrapped module back and restore the requires_grad flags."""
+    wrapped = [
+        n for n, m in model.named_modules() if isinstance(m, (MoEFFN, MoELinear, LoRALinear, TrainableCopy))
+    ]
+    for name in reversed(wrapped):  # innermost first
+        wrapper = model.get_submodule(name)
+        _replace(model, name, lambda m: m.original if isinstance(m, TrainableCopy) else m.base_layer)
+        del wrapper
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable.get(name, p.requires_grad))
 
 
 def _attn_div(cfg: MoEConfig) -> float:

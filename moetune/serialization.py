@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moetune.config import MoEConfig
+from moetune.injection import eject
 
 if TYPE_CHECKING:
     from moetune.model import MoEModel
@@ -97,8 +98,13 @@ def load_adapter(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such adapter directory")
     config, _ = MoEConfig.load(path)
+    trainable = {n: p.requires_grad for n, p in base.named_parameters()}
     model = cls(base, config)
-    load_adapter_weights(model, path)
+    try:
+        load_adapter_weights(model, path)
+    except Exception:
+        eject(base, trainable)  # leave the caller's model as it was
+        raise
     if not is_trainable:
         for _, module in model.adapter_modules():
             module.requires_grad_(False)
