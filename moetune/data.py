@@ -171,7 +171,7 @@ def prompt_text(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
 def encode(tokenizer: Any, example: Example, max_length: int = 512) -> dict[str, list[int]]:
     """input_ids / attention_mask / labels with the loss on the response (and its end token) only."""
     prompt = prompt_text(tokenizer, example.messages[:-1])
-    end = _end_of_turn(tokenizer)
+    end = end_of_turn(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response + end, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + response_ids)[-max_length:]  # keep the answer if the prompt is too long
@@ -180,7 +180,7 @@ def encode(tokenizer: Any, example: Example, max_length: int = 512) -> dict[str,
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def _end_of_turn(tokenizer: Any) -> str:
+def end_of_turn(tokenizer: Any) -> str:
     """The text that closes an assistant turn in the chat template (e.g. `<|im_end|>`), else EOS."""
     if getattr(tokenizer, "chat_template", None):
         probe = tokenizer.apply_chat_template(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetune.data import Example, prompt_text
+from moetune.data import Example, end_of_turn, prompt_text
 
 
 @dataclass
@@ -75,11 +75,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct = 0
+    end = end_of_turn(tokenizer)  # options are scored with the turn's end, so "sport" != "sports..."
     for i, item in enumerate(items):
         prompt = prompt_text(tokenizer, item.example.messages[:-1])
         gold = item.example.response
         if item.options:
-            scores = option_logprobs(model, tokenizer, prompt, item.options)
+            scores = option_logprobs(model, tokenizer, prompt, [o + end for o in item.options])
             correct += item.options[max(range(len(scores)), key=scores.__getitem__)] == gold
         else:
             correct += normalise_answer(greedy_answer(model, tokenizer, prompt)) == normalise_answer(gold)

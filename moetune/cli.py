@@ -1,0 +1,185 @@
+"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate.
+
+Every MoEConfig field is also a `train` option, with its help text as the option's help. Errors in
+the input (missing file, empty data, YAML typo, bad value) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from moetune.config import MoEConfig
+
+
+def _moe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("MoE options (override the config's `moe` section)")
+    for f in dataclasses.fields(MoEConfig):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(
+            flag,
+            dest=f"moe_{f.name}",
+            default=None,
+            type=_yaml_value,
+            metavar="VALUE",
+            help=f"{f.metadata['help']} (default: {_default(f)})",
+        )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetune", description="Fine-tune language models with a mixture of LoRA experts (MoE-LoRA)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune from a YAML config, or run the built-in demo without one",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument(
+        "config", nargs="?", help="YAML with sections model/moe/data/training; none = the demo"
+    )
+    train.add_argument(
+        "--output-dir", required=True, help="where adapter/, metrics.json, report.md, routing.png go"
+    )
+    train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides the config)")
+    train.add_argument("--train-per-task", type=int, default=None, help="demo: training examples per task")
+    train.add_argument(
+        "--test-per-task", type=int, default=None, help="demo: held-out items per task (>= 200)"
+    )
+    train.add_argument("--seed", type=int, default=None, help="random seed")
+    _moe_options(train)
+
+    ev = sub.add_parser("eval", help="accuracy of a trained adapter on the run's held-out data")
+    ev.add_argument("--adapter", required=True, help="an adapter directory written by `moetune train`")
+    ev.add_argument("--test-per-task", type=int, default=None, help="demo: held-out items per task")
+
+    st = sub.add_parser("stats", help="routing statistics of an adapter: tables and PNG plots")
+    st.add_argument("--adapter", required=True)
+    st.add_argument(
+        "--output-dir", default=None, help="where the PNG plots go (default: next to the adapter)"
+    )
+    st.add_argument("--test-per-task", type=int, default=50, help="held-out items per task to route")
+
+    gen = sub.add_parser("generate", help="generate text with a trained adapter (KV cache, greedy)")
+    gen.add_argument("--adapter", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"moetune {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moetune import demo
+    from moetune.run import load_run_config, train_and_evaluate
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("moe_") and v is not None}
+    if args.config is None:
+        cfg, model, tokenizer, tasks = demo.setup(
+            train_per_task=args.train_per_task, test_per_task=args.test_per_task, seed=args.seed
+        )
+    else:
+        cfg = load_run_config(args.config)
+        model, tokenizer = demo.load_model(cfg.model)
+        from moetune.run import tasks_from_config
+
+        tasks = tasks_from_config(cfg.data)
+    if overrides:
+        cfg.moe = MoEConfig(**{**cfg.moe.to_dict(), **overrides})
+    if args.max_steps is not None:
+        cfg.training["max_steps"] = args.max_steps
+    if args.seed is not None:
+        cfg.seed = args.seed
+    metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log)
+    demo.remember_run(args.output_dir, cfg, args)
+    _log(
+        f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}; "
+        f"wrote {os.path.join(args.output_dir, 'report.md')}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moetune import demo
+    from moetune.run import evaluate_tasks
+
+    model, tokenizer, tasks = demo.load_adapter_run(args.adapter, test_per_task=args.test_per_task)
+    result = evaluate_tasks(model, tokenizer, tasks.test, _log)
+    print(json.dumps({t: r["accuracy"] for t, r in result["accuracy"].items()}, indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from moetune import demo
+    from moetune.plots import load_matrix, plot_routing, plot_task_expert
+    from moetune.run import evaluate_tasks
+
+    model, tokenizer, tasks = demo.load_adapter_run(args.adapter, test_per_task=args.test_per_task)
+    result = evaluate_tasks(model, tokenizer, tasks.test, lambda _m: None)
+    out = args.output_dir or os.path.dirname(os.path.abspath(args.adapter))
+    os.makedirs(out, exist_ok=True)
+    for task, layers in result["routing"].items():
+        print(f"\n{task}")
+        print(f"  {'layer':<40} {'load CV':>8} {'entropy':>8} {'dead':>5}  tokens per expert")
+        for name, s in layers.items():
+            print(
+                f"  {name[-40:]:<40} {s['load_cv']:8.3f} {s['entropy']:8.3f} {len(s['dead_experts']):5d}  "
+                f"{s['tokens_per_expert']}"
+            )
+    plot_routing(result["routing"], os.path.join(out, "routing.png"))
+    plot_task_expert(
+        {t: load_matrix(layers)[1] for t, layers in result["routing"].items()},
+        os.path.join(out, "task_expert.png"),
+    )
+    _log(f"wrote {os.path.join(out, 'routing.png')} and {os.path.join(out, 'task_expert.png')}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moetune import demo
+    from moetune.data import prompt_text
+    from moetune.evaluation import greedy_answer
+
+    model, tokenizer, _ = demo.load_adapter_run(args.adapter, test_per_task=0)
+    prompt = prompt_text(tokenizer, [("user", args.prompt)])
+    print(greedy_answer(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stats": cmd_stats, "generate": cmd_generate}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

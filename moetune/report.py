@@ -1,0 +1,80 @@
+"""`report.md` of a run: accuracy before/after with 95% intervals, routing balance, settings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from moetune.serialization import atomic_write_text
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
+    lines = [
+        "# moetune run report",
+        "",
+        "## Accuracy (95% Wilson intervals)",
+        "",
+        "| task | n | before | after | change |",
+        "|---|---|---|---|---|",
+    ]
+    for task, after in metrics["after_detail"].items():
+        before = metrics["before_detail"][task]
+        lines.append(
+            f"| {task} | {after['n']} | {_pct(before['accuracy'])} [{_pct(before['ci95_low'])}, "
+            f"{_pct(before['ci95_high'])}] | {_pct(after['accuracy'])} [{_pct(after['ci95_low'])}, "
+            f"{_pct(after['ci95_high'])}] | {100 * (after['accuracy'] - before['accuracy']):+.1f} |"
+        )
+    lines.append(
+        f"| **mean** | | {_pct(metrics['mean_before'])} | {_pct(metrics['mean_after'])} | "
+        f"{100 * (metrics['mean_after'] - metrics['mean_before']):+.1f} |"
+    )
+    lines += [
+        "",
+        "## Routing on held-out data (after)",
+        "",
+        "Minimum share of routed slots any expert receives, per task, relative to 1/E "
+        "(1.0 = perfectly even; the routing.png heatmap shows every layer).",
+        "",
+        "| task | worst expert share × E | mean load CV | dead experts |",
+        "|---|---|---|---|",
+    ]
+    for task, layers in metrics["routing"].items():
+        worst, cvs, dead = 1.0, [], 0
+        for s in layers.values():
+            counts = s["tokens_per_expert"]
+            total = sum(counts) or 1
+            worst = min(worst, min(counts) / total * len(counts))
+            cvs.append(s["load_cv"])
+            dead += len(s["dead_experts"])
+        lines.append(f"| {task} | {worst:.2f} | {sum(cvs) / max(len(cvs), 1):.3f} | {dead} |")
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"- training examples: {metrics['train_examples']}, training time: {metrics['train_seconds']} s",
+        f"- trainable parameters: {metrics['trainable_parameters']:,}",
+        f"- MoE: `{_moe_summary(metrics['moe_config'])}`",
+        f"- training arguments: `{metrics['training']}`",
+        "",
+    ]
+    atomic_write_text(os.fspath(path), "\n".join(lines))
+
+
+def _moe_summary(cfg: dict[str, Any]) -> str:
+    keys = (
+        "expert_type",
+        "num_experts",
+        "top_k",
+        "router",
+        "r",
+        "lora_alpha",
+        "attn_r",
+        "aux_loss_coef",
+        "z_loss_coef",
+        "bias_update_rate",
+    )
+    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)

@@ -1,0 +1,250 @@
+"""A fine-tuning run: YAML config -> model + data -> MoETrainer -> accuracy before/after -> report.
+
+The YAML holds three sections: `moe` (MoEConfig fields), `data` (DataConfig) and `training`
+(transformers.TrainingArguments fields), plus `model` (a local model directory, or "smollm2" for the
+offline demo model). Unknown keys are errors: a typo must not silently train something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+from moetune.config import MoEConfig
+from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
+from moetune.evaluation import EvalItem, evaluate
+from moetune.model import MoEModel, get_moe_model
+from moetune.training import MoETrainer
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataSource:
+    path: str = field(metadata={"help": "A .jsonl/.json/.csv file of prompt/response or messages records."})
+    task: str | None = field(default=None, metadata={"help": "Task name for records without a task field."})
+    weight: float = field(default=1.0, metadata={"help": "Sampling weight of this task in the mixture."})
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list, metadata={"help": "Training files."})
+    test: list[DataSource] = field(default_factory=list, metadata={"help": "Held-out files, per task."})
+    train_size: int | None = field(
+        default=None, metadata={"help": "Examples in the weighted training mixture; null = all, unweighted."}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens per example (prompts are cut from the left)."}
+    )
+    options: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per task: answer options scored by log-likelihood; tasks without are exact match."
+        },
+    )
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    router_lr_multiplier: float = 1.0
+    seed: int = 0
+
+
+def _strict(cls: type, raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    return raw
+
+
+def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
+    raw = _strict(RunConfig, raw, where)
+    moe = MoEConfig(**_strict(MoEConfig, raw.get("moe"), f"{where}: moe"))
+    data_raw = dict(_strict(DataConfig, raw.get("data"), f"{where}: data"))
+    for split in ("train", "test"):
+        items = data_raw.get(split) or []
+        if isinstance(items, (str, dict)):
+            items = [items]
+        data_raw[split] = [
+            DataSource(path=i)
+            if isinstance(i, str)
+            else DataSource(**_strict(DataSource, i, f"{where}: data.{split}"))
+            for i in items
+        ]
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise ConfigError(f"{where}: training: expected a mapping of TrainingArguments fields")
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        raise ConfigError(f"{where}: training: unknown TrainingArguments field(s) {unknown}")
+    rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training")}
+    return RunConfig(moe=moe, data=DataConfig(**data_raw), training=training, **rest)
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    return parse_run_config(raw, path)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+@dataclass
+class Tasks:
+    """Training examples and held-out evaluation items per task."""
+
+    train: dict[str, list[Example]]
+    test: dict[str, list[EvalItem]]
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def tasks_from_config(data: DataConfig) -> Tasks:
+    if not data.train:
+        raise ConfigError("data.train: no training files given")
+    train: dict[str, list[Example]] = {}
+    weights: dict[str, float] = {}
+    for src in data.train:
+        for ex in load_examples(src.path, default_task=src.task or "default"):
+            train.setdefault(ex.task, []).append(ex)
+            weights[ex.task] = src.weight
+    test: dict[str, list[EvalItem]] = {}
+    for src in data.test:
+        for ex in load_examples(src.path, default_task=src.task or "default"):
+            test.setdefault(ex.task, []).append(EvalItem(ex, tuple(data.options.get(ex.task, ()))))
+    unknown = sorted(set(data.options) - set(train) - set(test))
+    if unknown:
+        raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(train)}")
+    return Tasks(train, test, weights)
+
+
+def evaluate_tasks(model, tokenizer, test: dict[str, list[EvalItem]], log: Callable[[str], None]) -> dict:
+    """Per task: accuracy with its 95% interval, and the routing statistics of that task's items."""
+    results, routing = {}, {}
+    for task, items in test.items():
+        start = time.time()
+        if isinstance(model, MoEModel):
+            model.reset_routing_stats()
+        results[task] = evaluate(model, tokenizer, items)
+        if isinstance(model, MoEModel):
+            routing[task] = model.routing_stats()
+        r = results[task]
+        log(
+            f"  {task:<12} acc {r['accuracy']:.3f}  [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]  "
+            f"n={r['n']}  ({time.time() - start:.0f}s)"
+        )
+    return {"accuracy": results, "routing": routing}
+
+
+def train_and_evaluate(
+    model, tokenizer, cfg: RunConfig, tasks: Tasks, output_dir: str, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Accuracy before, MoE-LoRA training, accuracy after.
+
+    Writes `adapter/`, `metrics.json`, `report.md` and `routing.png` under `output_dir`.
+    """
+    from moetune.plots import plot_routing
+    from moetune.report import write_report
+
+    os.makedirs(output_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    log("accuracy before fine-tuning:")
+    before = evaluate_tasks(model, tokenizer, tasks.test, log)
+    torch.manual_seed(cfg.seed)
+    moe = get_moe_model(model, cfg.moe)
+    trainable, total = moe.get_nb_trainable_parameters()
+    log(f"moetune: {trainable:,} trainable of {total:,} parameters")
+
+    held_out = [item.example for items in tasks.test.values() for item in items]
+    train_by_task = {t: deduplicate(exs, held_out) for t, exs in tasks.train.items()}
+    total_examples = cfg.data.train_size or sum(map(len, train_by_task.values()))
+    mixture = mix(train_by_task, tasks.weights or None, total_examples, seed=cfg.seed)
+    if not mixture:
+        raise DataError("the training mixture is empty")
+    encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in mixture]
+    from datasets import Dataset
+
+    train_ds = Dataset.from_list(encoded)
+    args = TrainingArguments(
+        **{
+            "output_dir": os.path.join(output_dir, "checkpoints"),
+            "report_to": [],
+            "use_cpu": not torch.cuda.is_available(),
+            "seed": cfg.seed,
+            "save_strategy": "no",
+            "logging_steps": 10,
+            "remove_unused_columns": False,
+            **cfg.training,
+        }
+    )
+    trainer = MoETrainer(
+        model=moe,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        router_lr_multiplier=cfg.router_lr_multiplier,
+    )
+    start = time.time()
+    counts = ", ".join(f"{t}: {sum(e.task == t for e in mixture)}" for t in train_by_task)
+    log(f"training on {len(mixture)} examples ({counts})")
+    trainer.train()
+    train_seconds = time.time() - start
+    moe.save_pretrained(os.path.join(output_dir, "adapter"))
+    log("accuracy after fine-tuning:")
+    after = evaluate_tasks(moe, tokenizer, tasks.test, log)
+    moe.reset_routing_stats()
+    metrics = {
+        "before": {t: r["accuracy"] for t, r in before["accuracy"].items()},
+        "after": {t: r["accuracy"] for t, r in after["accuracy"].items()},
+        "before_detail": before["accuracy"],
+        "after_detail": after["accuracy"],
+        "routing": after["routing"],
+        "train_seconds": round(train_seconds, 1),
+        "train_examples": len(mixture),
+        "trainable_parameters": trainable,
+        "moe_config": cfg.moe.to_dict(),
+        "training": {k: v for k, v in cfg.training.items()},
+        "log_history": trainer.state.log_history,
+    }
+    metrics["mean_before"] = _mean(metrics["before"].values())
+    metrics["mean_after"] = _mean(metrics["after"].values())
+    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2, default=str)
+    if after["routing"]:
+        plot_routing(after["routing"], os.path.join(output_dir, "routing.png"))
+    write_report(metrics, os.path.join(output_dir, "report.md"))
+    return metrics
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
