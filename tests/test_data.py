@@ -1,0 +1,197 @@
+"""Data: reading records, response-only labels, mixtures, deduplication; run configs; CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
+from moetune.evaluation import wilson_interval
+from moetune.run import ConfigError, load_run_config, parse_run_config
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    words = [
+        "<pad>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "user",
+        "assistant",
+        "\n",
+        "hi",
+        "there",
+        "2",
+        "+",
+        "=",
+        "4",
+        "what",
+        "is",
+        "?",
+        "[UNK]",
+    ]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # newlines vanish; the markers are special tokens
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT
+    return fast
+
+
+def test_records_in_every_format(tmp_path) -> None:
+    rows = [
+        {"prompt": "what is 2 + 2 ?", "response": "4", "task": "math"},
+        {"instruction": "hi", "input": "there", "output": "hi"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]},
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.csv").write_text("prompt,response,task\nhi,there,greet\n")
+    jsonl = load_examples(tmp_path / "a.jsonl")
+    assert jsonl == load_examples(tmp_path / "a.json")
+    assert [e.task for e in jsonl] == ["math", "default", "default"]
+    assert jsonl[1].messages == (("user", "hi\n\nthere"), ("assistant", "hi"))
+    assert load_examples(tmp_path / "a.csv")[0] == Example((("user", "hi"), ("assistant", "there")), "greet")
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "match"),
+    [
+        ("", "empty.jsonl", "no records"),
+        ('{"prompt": "x"}\n', "noresp.jsonl", "needs a prompt"),
+        ('{"prompt": "x", "response": "y", "taks": "a"}\n', "typo.jsonl", r"unknown fields \['taks'\]"),
+        ("{not json\n", "bad.jsonl", r"bad.jsonl:1: not valid JSON"),
+        ("x", "data.txt", "unknown data format"),
+        ('{"messages": [{"role": "user", "content": "x"}]}\n', "last.jsonl", "must be the assistant"),
+    ],
+)
+def test_bad_data_is_a_clear_error(tmp_path, content: str, name: str, match: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_examples(tmp_path / name)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(DataError, match="no such data file"):
+        load_examples(tmp_path / "nope.jsonl")
+
+
+def test_loss_only_on_the_response(tokenizer) -> None:
+    ex = Example((("user", "what is 2 + 2 ?"), ("assistant", "4")))
+    enc = encode(tokenizer, ex)
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    assert tokens == [
+        "<|im_start|>",
+        "user",
+        "what",
+        "is",
+        "2",
+        "+",
+        "2",
+        "?",
+        "<|im_end|>",
+        "<|im_start|>",
+        "assistant",
+        "4",
+        "<|im_end|>",
+    ]
+    supervised = [t for t, label in zip(enc["input_ids"], enc["labels"], strict=True) if label != -100]
+    assert tokenizer.convert_ids_to_tokens(supervised) == ["4", "<|im_end|>"]  # the answer and the turn's end
+    assert enc["attention_mask"] == [1] * len(enc["input_ids"])
+
+
+def test_truncation_keeps_the_answer(tokenizer) -> None:
+    ex = Example((("user", "hi " * 50), ("assistant", "4")))
+    enc = encode(tokenizer, ex, max_length=8)
+    assert len(enc["input_ids"]) == 8
+    assert tokenizer.convert_ids_to_tokens(
+        [t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != -100]
+    ) == ["4", "<|im_end|>"]
+
+
+def test_mixture_follows_weights_and_dedup() -> None:
+    a = [Example((("user", f"a{i}"), ("assistant", "x")), "A") for i in range(10)]
+    b = [Example((("user", f"b{i}"), ("assistant", "y")), "B") for i in range(3)]
+    out = mix({"A": a, "B": b}, {"A": 3.0, "B": 1.0}, total=40, seed=0)
+    assert sum(e.task == "A" for e in out) == 30 and sum(e.task == "B" for e in out) == 10
+    assert {e.messages for e in out if e.task == "B"} == {e.messages for e in b}  # the small task repeats
+    with pytest.raises(DataError, match="unknown tasks"):
+        mix({"A": a}, {"C": 1.0}, total=5)
+    test = [Example((("user", "a1"), ("assistant", "other")), "A")]
+    kept = deduplicate(a + a[:2], test)
+    assert len(kept) == 9 and all(e.messages[0][1] != "a1" for e in kept)
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(50, 100)  # p = 0.5, n = 100: 0.5 -+ 0.0962 (textbook value)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_run_config_typos_are_errors(tmp_path) -> None:
+    good = {
+        "model": "m",
+        "moe": {"num_experts": 4},
+        "data": {"train": ["t.jsonl"]},
+        "training": {"max_steps": 3},
+    }
+    cfg = parse_run_config(good)
+    assert (
+        cfg.moe.num_experts == 4 and cfg.data.train[0].path == "t.jsonl" and cfg.training == {"max_steps": 3}
+    )
+    for bad, match in [
+        ({**good, "modle": "x"}, r"unknown key\(s\) \['modle'\]"),
+        ({**good, "moe": {"num_expert": 4}}, r"moe: unknown key\(s\) \['num_expert'\]"),
+        ({**good, "training": {"lr": 1}}, r"unknown TrainingArguments field\(s\) \['lr'\]"),
+        ({**good, "moe": {"router": "top2"}}, "router='top2' is not supported"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_run_config(bad)
+    (tmp_path / "bad.yaml").write_text("moe: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["train", "{dir}/missing.yaml", "--output-dir", "{dir}/o"], "no such config file"),
+        (["train", "{dir}/typo.yaml", "--output-dir", "{dir}/o"], "unknown key"),
+        (["eval", "--adapter", "{dir}/nothing"], "not an adapter"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args: list[str], match: str) -> None:
+    (tmp_path / "typo.yaml").write_text("moe:\n  num_expert: 4\n")
+    argv = [a.format(dir=tmp_path) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetune.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+def test_cli_help_comes_from_the_config() -> None:
+    from moetune.cli import build_parser
+    from moetune.config import MoEConfig
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train.format_help().split())
+    for name, help_text in MoEConfig.help().items():
+        assert "--" + name.replace("_", "-") in text
+        assert " ".join(help_text.split())[:40] in text
