@@ -7,49 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import wilson_interval
 from moetune.run import ConfigError, load_run_config, parse_run_config
-
-CHAT = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tests.tiny_models import tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    words = [
-        "<pad>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "user",
-        "assistant",
-        "\n",
-        "hi",
-        "there",
-        "2",
-        "+",
-        "=",
-        "4",
-        "what",
-        "is",
-        "?",
-        "[UNK]",
-    ]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # newlines vanish; the markers are special tokens
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    fast.chat_template = CHAT
-    return fast
+def tokenizer():
+    return tiny_chat_tokenizer()
 
 
 def test_records_in_every_format(tmp_path) -> None:

@@ -302,3 +302,50 @@ def tiny_llava_batch(
         "pixel_values": pixel_values,
         "labels": labels,
     }
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A word-level tokenizer with a ChatML template (ids < 128, so it fits the tiny models' vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "<pad>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "[UNK]",
+        "user",
+        "assistant",
+        "hi",
+        "there",
+        "what",
+        "is",
+        "?",
+        "+",
+        "=",
+        "positive",
+        "negative",
+        "Review:",
+        "good",
+        "bad",
+        "film",
+        *extra_words,
+        *[str(i) for i in range(100)],
+    ]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # newlines vanish; the markers are special tokens
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    assert len(fast) <= 128
+    return fast
