@@ -36,32 +36,59 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 @torch.no_grad()
 def option_logprobs(model: nn.Module, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
-    """Total log-probability of each option's tokens after `prompt` (one batch of len(options) rows)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    rows = [prompt_ids + tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    """Total log-probability of each option's tokens after `prompt`.
+
+    The prompt runs once; its KV cache is repeated for the options, which run as one small batch.
+    """
+    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+    first_logp = out.logits[0, -1].float().log_softmax(-1)  # (V,) next-token distribution after the prompt
+    rows = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    scores = [float(first_logp[r[0]]) for r in rows]
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-    scores = []
-    for i, row in enumerate(rows):
-        positions = range(len(prompt_ids), len(row))  # option tokens, predicted from the position before
-        scores.append(sum(float(logp[i, t - 1, row[t]]) for t in positions))
+    if width > 1:  # the options' later tokens
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        full_mask = torch.cat([torch.ones(len(rows), prompt_ids.shape[1], dtype=mask.dtype), mask], 1)
+        logp = (
+            model(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+            .logits.float()
+            .log_softmax(-1)
+        )
+        for i, r in enumerate(rows):
+            scores[i] += sum(float(logp[i, t - 1, r[t]]) for t in range(1, len(r)))
     return scores
 
 
 @torch.no_grad()
+def greedy_answers(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations, batched with left padding (KV cache)."""
+    answers = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]),
+                add_special_tokens=False,
+                padding=True,
+                return_tensors="pt",
+            )
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
 def greedy_answer(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
 def normalise_answer(text: str) -> str:
@@ -76,16 +103,24 @@ def evaluate(
     model.eval()
     correct = 0
     end = end_of_turn(tokenizer)  # options are scored with the turn's end, so "sport" != "sports..."
-    for i, item in enumerate(items):
+    free_form = []
+    for item in items:
         prompt = prompt_text(tokenizer, item.example.messages[:-1])
-        gold = item.example.response
         if item.options:
             scores = option_logprobs(model, tokenizer, prompt, [o + end for o in item.options])
-            correct += item.options[max(range(len(scores)), key=scores.__getitem__)] == gold
+            correct += item.options[max(range(len(scores)), key=scores.__getitem__)] == item.example.response
+            if progress:
+                progress(1)
         else:
-            correct += normalise_answer(greedy_answer(model, tokenizer, prompt)) == normalise_answer(gold)
+            free_form.append((prompt, item.example.response))
+    if free_form:
+        answers = greedy_answers(model, tokenizer, [p for p, _ in free_form])
+        golds = [gold for _, gold in free_form]
+        correct += sum(
+            normalise_answer(a) == normalise_answer(g) for a, g in zip(answers, golds, strict=True)
+        )
         if progress:
-            progress(i + 1)
+            progress(len(free_form))
     model.train(was_training)
     n = len(items)
     low, high = wilson_interval(correct, n)

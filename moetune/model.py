@@ -223,7 +223,13 @@ class MoEModel(nn.Module):
         )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's `generate`; routing statistics skip the prompt's padding (left padding)."""
+        mask = kwargs.get("attention_mask")
+        self._ctx.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self._ctx.token_mask = None
 
     # ---- saving ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:

@@ -75,13 +75,15 @@ def test_run_writes_its_files(finished_run) -> None:
         "routing.png",
     ):
         assert os.path.isfile(os.path.join(out, name)), name
-    saved = json.load(open(os.path.join(out, "metrics.json")))
+    with open(os.path.join(out, "metrics.json")) as fh:
+        saved = json.load(fh)
     assert set(saved["before"]) == set(saved["after"]) == {"sentiment", "arithmetic"}
     assert set(saved["routing"]) == {"sentiment", "arithmetic"}
     layer_stats = next(iter(saved["routing"]["sentiment"].values()))
     assert sum(layer_stats["tokens_per_expert"]) > 0
     assert any("moe/aux_loss" in h for h in saved["log_history"])  # router metrics reached the logs
-    report = open(os.path.join(out, "report.md")).read()
+    with open(os.path.join(out, "report.md")) as fh:
+        report = fh.read()
     assert "| sentiment | 12 |" in report and "**mean**" in report
 
 
@@ -93,3 +95,30 @@ def test_adapter_reproduces_after_accuracy(finished_run) -> None:
     tasks = toy_tasks()
     for task, items in tasks.test.items():
         assert evaluate(model, tokenizer, items)["accuracy"] == metrics["after"][task], task
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
+    """option_logprobs (prompt once + repeated KV cache) equals scoring each prompt+option row in full."""
+    from moetune.evaluation import option_logprobs
+    from moetune.model import get_moe_model
+
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("llama")
+    if wrap:
+        model = get_moe_model(model, MoEConfig(num_experts=4, lora_dropout=0.0))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    prompt = "<|im_start|> user what is 2 + 2 ? <|im_end|> <|im_start|> assistant"
+    options = ["4 <|im_end|>", "positive negative 5 <|im_end|>", "hi"]
+    got = option_logprobs(model, tokenizer, prompt, options)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for option, score in zip(options, got, strict=True):
+        o_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + o_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+        expected = sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(o_ids))
+        assert score == pytest.approx(expected, abs=1e-4)
