@@ -17,7 +17,10 @@ Use `MoETrainer` as a drop-in Trainer, or mix into TRL: `class MoESFTTrainer(MoE
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +53,28 @@ class _ExpertBiasCallback(TrainerCallback):
         unwrap_moe(self.trainer.model).update_expert_bias()
 
 
+@contextmanager
+def _fused_head_on_base_model(trainer_cls: type) -> Iterator[None]:
+    """TRL's trainers patch a fused LM head onto the model they train, or onto a peft model's base model.
+
+    For a MoEModel the head belongs on the wrapped transformers model too (our forward passes
+    `fused_lm_head` through), so during the trainer's __init__ TRL's helper is pointed there.
+    """
+    modules = {sys.modules[c.__module__] for c in trainer_cls.__mro__ if c.__module__ in sys.modules}
+    patched = [(m, m.add_fused_lm_head) for m in modules if callable(getattr(m, "add_fused_lm_head", None))]
+    for module, original in patched:
+        def redirected(model, *args, _original=original, **kwargs):
+            target = model.get_base_model() if isinstance(model, MoEModel) else model
+            return _original(target, *args, **kwargs)
+
+        module.add_fused_lm_head = redirected
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.add_fused_lm_head = original
+
+
 class _LabelSmootherShift:
     """The Trainer's label smoother, shifting labels iff the wrapped base model is a causal LM."""
 
@@ -67,7 +92,8 @@ class MoETrainerMixin:
         if router_lr_multiplier <= 0:
             raise ValueError(f"router_lr_multiplier={router_lr_multiplier}: must be > 0")
         self.router_lr_multiplier = router_lr_multiplier
-        super().__init__(*args, **kwargs)
+        with _fused_head_on_base_model(type(self)):
+            super().__init__(*args, **kwargs)
         moe = unwrap_moe(self.model)  # fail early on a model without experts
         self.add_callback(_ExpertBiasCallback(self))
         if self.label_smoother is not None:
@@ -81,12 +107,13 @@ class MoETrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         moe = unwrap_moe(model)
         moe.balance_losses_in_output = False
-        try:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        try:  # return_outputs as asked: TRL's fused LM head runs an extra forward to build outputs
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         finally:
             moe.balance_losses_in_output = True
+        loss, outputs = result if return_outputs else (result, None)
         if moe.aux_losses():
             balance = moe.weighted_aux_loss()
             if model.training:
