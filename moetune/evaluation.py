@@ -35,32 +35,46 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 
 @torch.no_grad()
-def option_logprobs(model: nn.Module, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
-    """Total log-probability of each option's tokens after `prompt`.
+def option_logprobs_batch(
+    model: nn.Module, tokenizer, prompts: Sequence[str], options: Sequence[str]
+) -> list[list[float]]:
+    """Total log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
 
-    The prompt runs once; its KV cache is repeated for the options, which run as one small batch.
+    The prompts run once, left-padded in one batch (position ids from the mask); their KV cache is
+    repeated for the options, which run as one more small batch.
     """
-    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
-    first_logp = out.logits[0, -1].float().log_softmax(-1)  # (V,) next-token distribution after the prompt
-    rows = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-    scores = [float(first_logp[r[0]]) for r in rows]
-    width = max(map(len, rows))
-    if width > 1:  # the options' later tokens
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    B, L = len(prompt_rows), max(map(len, prompt_rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in prompt_rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in prompt_rows])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first_logp = out.logits[:, -1].float().log_softmax(-1)  # (B, V) after each prompt
+    option_rows = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    scores = [[float(first_logp[b, r[0]]) for r in option_rows] for b in range(B)]
+    K, W = len(option_rows), max(map(len, option_rows))
+    if W > 1:  # the options' later tokens, K rows per prompt
+        opt_ids = torch.tensor([r + [pad] * (W - len(r)) for r in option_rows]).repeat(B, 1)  # (B*K, W)
+        opt_mask = torch.tensor([[1] * len(r) + [0] * (W - len(r)) for r in option_rows]).repeat(B, 1)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(len(rows))
-        full_mask = torch.cat([torch.ones(len(rows), prompt_ids.shape[1], dtype=mask.dtype), mask], 1)
+        cache.batch_repeat_interleave(K)
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), opt_mask], 1)
+        opt_pos = mask.sum(-1).repeat_interleave(K)[:, None] + torch.arange(W)
         logp = (
-            model(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+            model(input_ids=opt_ids, attention_mask=full_mask, position_ids=opt_pos, past_key_values=cache)
             .logits.float()
             .log_softmax(-1)
-        )
-        for i, r in enumerate(rows):
-            scores[i] += sum(float(logp[i, t - 1, r[t]]) for t in range(1, len(r)))
+        )  # (B*K, W, V)
+        for b in range(B):
+            for k, r in enumerate(option_rows):
+                scores[b][k] += sum(float(logp[b * K + k, t - 1, r[t]]) for t in range(1, len(r)))
     return scores
+
+
+def option_logprobs(model: nn.Module, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
+    """Total log-probability of each option's tokens after `prompt`."""
+    return option_logprobs_batch(model, tokenizer, [prompt], options)[0]
 
 
 @torch.no_grad()
@@ -96,23 +110,35 @@ def normalise_answer(text: str) -> str:
 
 
 def evaluate(
-    model: nn.Module, tokenizer, items: Sequence[EvalItem], progress: Callable[[int], None] | None = None
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[EvalItem],
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """Accuracy with its 95% interval over `items`."""
     was_training = model.training
     model.eval()
     correct = 0
     end = end_of_turn(tokenizer)  # options are scored with the turn's end, so "sport" != "sports..."
-    free_form = []
+    free_form, by_options = [], {}
     for item in items:
         prompt = prompt_text(tokenizer, item.example.messages[:-1])
         if item.options:
-            scores = option_logprobs(model, tokenizer, prompt, [o + end for o in item.options])
-            correct += item.options[max(range(len(scores)), key=scores.__getitem__)] == item.example.response
-            if progress:
-                progress(1)
+            by_options.setdefault(item.options, []).append((prompt, item.example.response))
         else:
             free_form.append((prompt, item.example.response))
+    for options, pairs in by_options.items():
+        pairs.sort(key=lambda pair: len(pair[0]))  # similar lengths share a batch: little padding
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            scores = option_logprobs_batch(
+                model, tokenizer, [p for p, _ in chunk], [o + end for o in options]
+            )
+            for row, (_, gold) in zip(scores, chunk, strict=True):
+                correct += options[max(range(len(row)), key=row.__getitem__)] == gold
+            if progress:
+                progress(len(chunk))
     if free_form:
         answers = greedy_answers(model, tokenizer, [p for p, _ in free_form])
         golds = [gold for _, gold in free_form]

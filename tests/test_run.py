@@ -100,7 +100,7 @@ def test_adapter_reproduces_after_accuracy(finished_run) -> None:
 @pytest.mark.parametrize("wrap", [False, True])
 def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
     """option_logprobs (prompt once + repeated KV cache) equals scoring each prompt+option row in full."""
-    from moetune.evaluation import option_logprobs
+    from moetune.evaluation import option_logprobs, option_logprobs_batch
     from moetune.model import get_moe_model
 
     tokenizer = tiny_chat_tokenizer()
@@ -113,7 +113,11 @@ def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
     model.eval()
     prompt = "<|im_start|> user what is 2 + 2 ? <|im_end|> <|im_start|> assistant"
     options = ["4 <|im_end|>", "positive negative 5 <|im_end|>", "hi"]
+    short = "<|im_start|> user hi <|im_end|> <|im_start|> assistant"
+    batched = option_logprobs_batch(model, tokenizer, [short, prompt], options)  # left padding on `short`
     got = option_logprobs(model, tokenizer, prompt, options)
+    assert batched[1] == pytest.approx(got, abs=1e-4)
+    assert batched[0] == pytest.approx(option_logprobs(model, tokenizer, short, options), abs=1e-4)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for option, score in zip(options, got, strict=True):
         o_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
