@@ -49,10 +49,16 @@ PROMPTS = {
 }
 
 # Defaults sized to finish within 15 minutes on 2 CPU cores; the flags scale them up.
-DEFAULT_TRAIN_PER_TASK = 240
+DEFAULT_TRAIN_PER_TASK = 160
 DEFAULT_TEST_PER_TASK = 200
 DEFAULT_MOE = dict(
-    num_experts=8, top_k=2, r=8, lora_alpha=16, lora_dropout=0.05, aux_loss_coef=0.01, z_loss_coef=0.001,
+    num_experts=8,
+    top_k=2,
+    r=8,
+    lora_alpha=16,
+    lora_dropout=0.05,
+    aux_loss_coef=0.01,
+    z_loss_coef=0.001,
     bias_update_rate=0.002,
 )
 DEFAULT_TRAINING = dict(

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from moetune.serialization import atomic_write_text
+from moetune.stats import min_share_times_experts
 
 
 def _pct(x: float) -> str:
@@ -36,21 +37,17 @@ def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
         "",
         "## Routing on held-out data (after)",
         "",
-        "Minimum share of routed slots any expert receives, per task, relative to 1/E "
-        "(1.0 = perfectly even; the routing.png heatmap shows every layer).",
+        "Smallest share of routed slots any expert of any layer receives, times E (1.0 = perfectly even), "
+        "over all held-out tokens and per task (where experts may specialise); routing.png shows every layer.",
         "",
-        "| task | worst expert share × E | mean load CV | dead experts |",
+        "| tokens | min share × E | mean load CV | dead experts |",
         "|---|---|---|---|",
     ]
-    for task, layers in metrics["routing"].items():
-        worst, cvs, dead = 1.0, [], 0
-        for s in layers.values():
-            counts = s["tokens_per_expert"]
-            total = sum(counts) or 1
-            worst = min(worst, min(counts) / total * len(counts))
-            cvs.append(s["load_cv"])
-            dead += len(s["dead_experts"])
-        lines.append(f"| {task} | {worst:.2f} | {sum(cvs) / max(len(cvs), 1):.3f} | {dead} |")
+    for group, layers in metrics["routing"].items():
+        cvs = [s["load_cv"] for s in layers.values()]
+        dead = sum(len(s["dead_experts"]) for s in layers.values())
+        worst = min_share_times_experts(layers)
+        lines.append(f"| {group} | {worst:.2f} | {sum(cvs) / max(len(cvs), 1):.3f} | {dead} |")
     lines += [
         "",
         "## Settings",

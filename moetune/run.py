@@ -21,6 +21,7 @@ import torch
 import yaml
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
+from moetune import stats
 from moetune.config import MoEConfig
 from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import EvalItem, evaluate
@@ -160,6 +161,8 @@ def evaluate_tasks(model, tokenizer, test: dict[str, list[EvalItem]], log: Calla
             f"  {task:<12} acc {r['accuracy']:.3f}  [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]  "
             f"n={r['n']}  ({time.time() - start:.0f}s)"
         )
+    if len(routing) > 1:
+        routing = {"all tasks": stats.merge(list(routing.values())), **routing}
     return {"accuracy": results, "routing": routing}
 
 

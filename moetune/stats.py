@@ -59,3 +59,35 @@ def summarize(router: Router) -> dict[str, Any]:
 def reset(router: Router) -> None:
     for buf in (router.load_counts, router.entropy_sum, router.token_count):
         buf.zero_()
+
+
+def merge(groups: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per-layer statistics of several token sets (e.g. tasks) pooled: counts summed, the rest recomputed."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in groups[0]:
+        parts = [g[layer] for g in groups]
+        counts = torch.tensor([p["tokens_per_expert"] for p in parts], dtype=torch.float64).sum(0)
+        tokens = sum(p["tokens"] for p in parts)
+        entropy = (
+            sum(p["entropy"] * p["tokens"] for p in parts if p["tokens"]) / tokens if tokens else float("nan")
+        )
+        merged[layer] = {
+            "tokens": tokens,
+            "tokens_per_expert": [int(c) for c in counts.tolist()],
+            "load_cv": load_cv(counts),
+            "entropy": entropy,
+            "max_entropy": parts[0]["max_entropy"],
+            "dead_experts": [i for i, c in enumerate(counts.tolist()) if c == 0] if tokens else [],
+        }
+    return merged
+
+
+def min_share_times_experts(layers: dict[str, dict[str, Any]]) -> float:
+    """The smallest share of routed slots any expert of any layer gets, times E (1.0 = perfectly even)."""
+    worst = float("inf")
+    for s in layers.values():
+        counts = s["tokens_per_expert"]
+        total = sum(counts)
+        if total:
+            worst = min(worst, min(counts) / total * len(counts))
+    return worst

@@ -63,6 +63,7 @@ def _fused_head_on_base_model(trainer_cls: type) -> Iterator[None]:
     modules = {sys.modules[c.__module__] for c in trainer_cls.__mro__ if c.__module__ in sys.modules}
     patched = [(m, m.add_fused_lm_head) for m in modules if callable(getattr(m, "add_fused_lm_head", None))]
     for module, original in patched:
+
         def redirected(model, *args, _original=original, **kwargs):
             target = model.get_base_model() if isinstance(model, MoEModel) else model
             return _original(target, *args, **kwargs)
