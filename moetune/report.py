@@ -38,7 +38,7 @@ def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
         "## Routing on held-out data (after)",
         "",
         "Smallest share of routed slots any expert of any layer receives, times E (1.0 = perfectly even), "
-        "over all held-out tokens and per task (where experts may specialise); routing.png shows every layer.",
+        "over all held-out tokens and per task (experts may specialise); routing.png shows every layer.",
         "",
         "| tokens | min share × E | mean load CV | dead experts |",
         "|---|---|---|---|",
