@@ -78,7 +78,7 @@ def test_run_writes_its_files(finished_run) -> None:
     with open(os.path.join(out, "metrics.json")) as fh:
         saved = json.load(fh)
     assert set(saved["before"]) == set(saved["after"]) == {"sentiment", "arithmetic"}
-    assert set(saved["routing"]) == {"sentiment", "arithmetic"}
+    assert set(saved["routing"]) == {"all tasks", "sentiment", "arithmetic"}
     layer_stats = next(iter(saved["routing"]["sentiment"].values()))
     assert sum(layer_stats["tokens_per_expert"]) > 0
     assert any("moe/aux_loss" in h for h in saved["log_history"])  # router metrics reached the logs
