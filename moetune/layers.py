@@ -124,6 +124,13 @@ class RoutedLayer(nn.Module):
         return idx, w
 
 
+def expert_rows(idx_TK: Tensor, w_TK: Tensor, e: int) -> tuple[Tensor, Tensor]:
+    """Reference path: the tokens with a slot on expert e, and the weight each gives it."""
+    hit_TK = idx_TK == e
+    rows = hit_TK.any(1).nonzero().squeeze(1)
+    return rows, torch.where(hit_TK, w_TK, torch.zeros_like(w_TK)).sum(1)[rows]
+
+
 def _sample_real_tokens(mask_T: Tensor, n: int) -> Tensor:
     real = mask_T.nonzero().squeeze(1)
     return real[torch.randperm(real.numel(), device=real.device)[:n]].sort().values
@@ -223,12 +230,10 @@ class MoEFFN(RoutedLayer):
         y0_TD = self._expert_ffn(None, x_TD, xd_TD)
         delta_TD = torch.zeros_like(y0_TD)
         for e in range(self.experts_total):
-            g_TK = torch.where(idx_TK == e, w_TK, torch.zeros_like(w_TK)).sum(1)  # (T,)
-            rows = (idx_TK == e).any(1).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows])
-            delta_TD = delta_TD.index_add(0, rows, g_TK[rows, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
+            rows, g_N = expert_rows(idx_TK, w_TK, e)
+            if rows.numel():
+                y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows])
+                delta_TD = delta_TD.index_add(0, rows, g_N[:, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
         return y0_TD + delta_TD
 
     @property
@@ -273,10 +278,9 @@ class MoELinear(RoutedLayer):
         if self.ctx.reference:
             delta = torch.zeros(x_TD.shape[0], self.experts.d_out, dtype=self.experts.dtype, device=x.device)
             for e in range(self.experts.num_experts):
-                g_T = torch.where(idx_TK == e, w_TK, torch.zeros_like(w_TK)).sum(1)
-                rows = (idx_TK == e).any(1).nonzero().squeeze(1)
+                rows, g_N = expert_rows(idx_TK, w_TK, e)
                 if rows.numel():
-                    contrib = g_T[rows, None].to(delta.dtype) * self.experts.expert(e, xd_TD[rows])
+                    contrib = g_N[:, None].to(delta.dtype) * self.experts.expert(e, xd_TD[rows])
                     delta = delta.index_add(0, rows, contrib)
         else:
             w_TE = torch.zeros(x_TD.shape[0], self.experts.num_experts, dtype=w_TK.dtype, device=x.device)
