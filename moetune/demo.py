@@ -182,7 +182,7 @@ def build_tasks(train_per_task: int, test_per_task: int, seed: int, tokenizer) -
     for task, read in readers.items():
         items = sorted(set(read()))  # exact duplicates removed, order fixed
         rng.shuffle(items)
-        n_test = test_per_task - test_per_task % len(OPTIONS[task])
+        n_test = test_per_task + (-test_per_task) % len(OPTIONS[task])  # balanced, at least test_per_task
         held = _balanced(items, n_test, rng)
         held_texts = {t for t, _ in held}
         rest = [x for x in items if x[0] not in held_texts]
