@@ -170,7 +170,7 @@ def _ask(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def build_tasks(train_per_task: int, test_per_task: int, seed: int, tokenizer) -> Tasks:
-    rng = random.Random(seed)
+    """Held-out items depend only on (seed, task, test_per_task), never on the training size."""
 
     def cut(text: str, n: int = 96) -> str:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -181,12 +181,12 @@ def build_tasks(train_per_task: int, test_per_task: int, seed: int, tokenizer) -
     test: dict[str, list[EvalItem]] = {}
     for task, read in readers.items():
         items = sorted(set(read()))  # exact duplicates removed, order fixed
-        rng.shuffle(items)
+        random.Random(f"{seed}/{task}").shuffle(items)
         n_test = test_per_task + (-test_per_task) % len(OPTIONS[task])  # balanced, at least test_per_task
-        held = _balanced(items, n_test, rng)
+        held = _balanced(items, n_test, random.Random(f"{seed}/{task}/test"))
         held_texts = {t for t, _ in held}
         rest = [x for x in items if x[0] not in held_texts]
-        picked = _balanced(rest, train_per_task, rng)
+        picked = _balanced(rest, train_per_task, random.Random(f"{seed}/{task}/train"))
         make = lambda t, label, task=task: Example(
             (*_ask(PROMPTS[task].format(cut(t))), ("assistant", label)), task
         )
