@@ -79,7 +79,7 @@ class LoRAExperts(nn.Module):
     def dense(self, x_TD: Tensor, w_TE: Tensor) -> Tensor:
         """sum_e w_te * s * B_e A_e x_t  -> (T, d_out)."""
         x_TD = x_TD.to(self.dtype)
-        w_TE = w_TE.to(self.dtype)
+        w_TE = w_TE.to(self.dtype) * self.scaling  # scaling on (T, E), not on the (T, d_out) output
         out = None
         for start, A, B in self._blocks():
             n = A.shape[0]
@@ -87,7 +87,7 @@ class LoRAExperts(nn.Module):
             z_Tnr = (x_TD @ A_flat.T).view(-1, n, self.r) * w_TE[:, start : start + n, None]
             y = z_Tnr.reshape(-1, n * self.r) @ B_flat.T
             out = y if out is None else out + y
-        return out * self.scaling
+        return out
 
     def per_slot(self, x_TD: Tensor, idx_TK: Tensor) -> Tensor:
         """s * B_{idx_tk} A_{idx_tk} x_t for every slot  -> (T, K, d_out)."""
@@ -98,10 +98,10 @@ class LoRAExperts(nn.Module):
             n = A.shape[0]
             A_flat, B_flat = self._flat(A, B)
             z_Tnr = (x_TD @ A_flat.T).view(T, 1, n, self.r)
-            onehot_TKn = self._onehot(idx_TK, start, n)
+            onehot_TKn = self._onehot(idx_TK, start, n) * self.scaling  # scaling folded into the mask
             y = (z_Tnr * onehot_TKn[..., None]).reshape(T * K, n * self.r) @ B_flat.T
             out = y if out is None else out + y
-        return (out * self.scaling).view(T, K, self.d_out)
+        return out.view(T, K, self.d_out)
 
     def per_slot_reduce(self, h_TKD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         """sum_k w_tk * s * B_{idx_tk} A_{idx_tk} h_tk  -> (T, d_out)."""
@@ -112,11 +112,11 @@ class LoRAExperts(nn.Module):
             n = A.shape[0]
             A_flat, B_flat = self._flat(A, B)
             z_TKnr = (h_TKD @ A_flat.T).view(T, K, n, self.r)
-            gate_TKn = self._onehot(idx_TK, start, n) * w_TK[..., None].to(self.dtype)
+            gate_TKn = self._onehot(idx_TK, start, n) * (w_TK[..., None].to(self.dtype) * self.scaling)
             z_Tnr = (z_TKnr * gate_TKn[..., None]).sum(1)
             y = z_Tnr.reshape(T, n * self.r) @ B_flat.T
             out = y if out is None else out + y
-        return out * self.scaling
+        return out
 
     def _onehot(self, idx_TK: Tensor, start: int, n: int) -> Tensor:
         """(T, K, n) in the expert dtype: 1 where slot k of token t uses expert start + j."""
@@ -129,5 +129,5 @@ class LoRAExperts(nn.Module):
         for start, A, B in self._blocks():
             if start <= e < start + A.shape[0]:
                 x_ND = x_ND.to(self.dtype)
-                return (x_ND @ A[e - start].T) @ B[e - start].T * self.scaling
+                return ((x_ND @ A[e - start].T) * self.scaling) @ B[e - start].T  # scale the (N, r) side
         raise IndexError(f"expert {e} out of range 0..{self.num_experts - 1}")
