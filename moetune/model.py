@@ -193,20 +193,23 @@ class MoEModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """The frozen base model alone (e.g. the reference model of DPO), without a copy."""
-        previous, self._ctx.adapter_enabled = self._ctx.adapter_enabled, False
-        try:
+        with self._context_set("adapter_enabled", False):
             yield
-        finally:
-            self._ctx.adapter_enabled = previous
 
     @contextmanager
     def reference_path(self) -> Iterator[None]:
         """Compute experts with the slow per-expert loop (the tested truth of the fast path)."""
-        previous, self._ctx.reference = self._ctx.reference, True
+        with self._context_set("reference", True):
+            yield
+
+    @contextmanager
+    def _context_set(self, field: str, value: Any) -> Iterator[None]:
+        previous = getattr(self._ctx, field)
+        setattr(self._ctx, field, value)
         try:
             yield
         finally:
-            self._ctx.reference = previous
+            setattr(self._ctx, field, previous)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
