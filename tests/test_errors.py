@@ -21,21 +21,6 @@ except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
 MOETUNE_MODULES = (MoEFFN, MoELinear, LoRALinear, TrainableCopy)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one intra-op thread (no spinning on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    """Adapters are initialised from the global RNG: fix it so every test is deterministic."""
-    torch.manual_seed(0)
-
-
 def message_of(excinfo) -> str:
     return str(excinfo.value)
 

@@ -26,21 +26,6 @@ LINEAR_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "bert"]
 FAMILY_TYPES = [(f, "ffn") for f in FFN_FAMILIES] + [(f, "linear") for f in LINEAR_FAMILIES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one intra-op thread (no spinning on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    """Adapters are initialised from the global RNG: fix it so every test is deterministic."""
-    torch.manual_seed(0)
-
-
 @functools.cache
 def _pristine(family: str, dtype: torch.dtype = torch.float32):
     return tiny_model(family, dtype=dtype)

@@ -25,21 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTER_PARTS = ("experts.", "router.", "lora.", "trained.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one intra-op thread (no spinning on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    """Adapters are initialised from the global RNG: fix it so every test is deterministic."""
-    torch.manual_seed(0)
-
-
 def train(model: moetune.MoEModel, family: str, steps: int = 3) -> None:
     """A few AdamW steps (B becomes nonzero) with the aux-free bias update after each."""
     model.train()
