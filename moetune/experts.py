@@ -3,12 +3,13 @@
 Expert e computes the delta  s * B_e A_e x  (s = lora_alpha / r, Hu et al. 2021). `add_block`
 appends experts for a new task as new tensors, so freezing the old ones is per tensor.
 
-Three fast, fully batched ways to combine experts, all "dense in rank space": every expert's x A_e^T
-comes out of one GEMM, is scaled (or one-hot masked) per token in the r-dimension, and one GEMM with
-the stacked B returns to d_out; no host sync, no per-expert loop, static shapes:
-  dense            sum_e w_te * delta_e(x_t)                for `linear` experts        -> (T, d_out)
-  per_slot         delta_{idx_tk}(x_t)                       input deltas of `ffn` slots -> (T, K, d_out)
-  per_slot_reduce  sum_k w_tk * delta_{idx_tk}(h_tk)          output delta of `ffn` slots -> (T, d_out)
+The fast paths are "dense in rank space": every expert's x A_e^T comes out of one GEMM with the
+stacked A (N r, d_in), is masked per token and slot in the r-dimension (the LoRA scaling and the
+routing weights folded into that (K, T, N) mask), and one GEMM with the stacked B (N r, d_out) returns
+to d_out. No host sync, no per-expert loop, static shapes:
+  dense         sum_e w_te * delta_e(x_t)                for `linear` experts          -> (T, d_out)
+  add_per_slot  base_t + delta_{idx_tk}(x_t)              input projections of `ffn`    -> (K, T, d_out)
+  reduce_slots  sum_k w_tk * delta_{idx_tk}(h_tk)         output projection of `ffn`    -> (T, d_out)
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
@@ -68,60 +69,49 @@ class LoRAExperts(nn.Module):
             yield start, A, B
             start += A.shape[0]
 
-    @staticmethod
-    def _flat(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-        n, r, d_in = A.shape
-        return A.reshape(n * r, d_in), B.permute(1, 0, 2).reshape(
-            B.shape[1], n * r
-        )  # (nr, d_in), (d_out, nr)
-
     # ---- fast paths ------------------------------------------------------------------------------
     def dense(self, x_TD: Tensor, w_TE: Tensor) -> Tensor:
         """sum_e w_te * s * B_e A_e x_t  -> (T, d_out)."""
-        x_TD = x_TD.to(self.dtype)
-        w_TE = w_TE.to(self.dtype) * self.scaling  # scaling on (T, E), not on the (T, d_out) output
-        out = None
-        for start, A, B in self._blocks():
-            n = A.shape[0]
-            A_flat, B_flat = self._flat(A, B)
-            z_Tnr = (x_TD @ A_flat.T).view(-1, n, self.r) * w_TE[:, start : start + n, None]
-            y = z_Tnr.reshape(-1, n * self.r) @ B_flat.T
-            out = y if out is None else out + y
-        return out
+        T, N = w_TE.shape
+        xA_TNr = (x_TD.to(self.dtype) @ self.flat_A().T).view(T, N, self.r)
+        gate_TN1 = (w_TE.to(self.dtype) * self.scaling)[..., None]  # scaling on (T, N), not on (T, d_out)
+        return (xA_TNr * gate_TN1).view(T, N * self.r) @ self.flat_B()
 
-    def per_slot(self, x_TD: Tensor, idx_TK: Tensor) -> Tensor:
-        """s * B_{idx_tk} A_{idx_tk} x_t for every slot  -> (T, K, d_out)."""
-        x_TD = x_TD.to(self.dtype)
-        T, K = idx_TK.shape
-        out = None
-        for start, A, B in self._blocks():
-            n = A.shape[0]
-            A_flat, B_flat = self._flat(A, B)
-            z_Tnr = (x_TD @ A_flat.T).view(T, 1, n, self.r)
-            onehot_TKn = self._onehot(idx_TK, start, n) * self.scaling  # scaling folded into the mask
-            y = (z_Tnr * onehot_TKn[..., None]).reshape(T * K, n * self.r) @ B_flat.T
-            out = y if out is None else out + y
-        return out.view(T, K, self.d_out)
+    def flat_A(self) -> Tensor:
+        """Every expert's A stacked by rows: (N r, d_in), row j r + i = A_j[i]."""
+        if len(self.lora_A) == 1:
+            return self.lora_A[0].reshape(-1, self.d_in)  # a view
+        return torch.cat([A.reshape(-1, self.d_in) for A in self.lora_A])
 
-    def per_slot_reduce(self, h_TKD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
-        """sum_k w_tk * s * B_{idx_tk} A_{idx_tk} h_tk  -> (T, d_out)."""
-        h_TKD = h_TKD.to(self.dtype)
-        T, K = idx_TK.shape
-        out = None
-        for start, A, B in self._blocks():
-            n = A.shape[0]
-            A_flat, B_flat = self._flat(A, B)
-            z_TKnr = (h_TKD @ A_flat.T).view(T, K, n, self.r)
-            gate_TKn = self._onehot(idx_TK, start, n) * (w_TK[..., None].to(self.dtype) * self.scaling)
-            z_Tnr = (z_TKnr * gate_TKn[..., None]).sum(1)
-            y = z_Tnr.reshape(T, n * self.r) @ B_flat.T
-            out = y if out is None else out + y
-        return out
+    def flat_B(self) -> Tensor:
+        """Every expert's B^T stacked by rows: (N r, d_out), row j r + i = B_j[:, i]."""
+        return torch.cat([B.transpose(1, 2).reshape(-1, self.d_out) for B in self.lora_B])
 
-    def _onehot(self, idx_TK: Tensor, start: int, n: int) -> Tensor:
-        """(T, K, n) in the expert dtype: 1 where slot k of token t uses expert start + j."""
-        experts = torch.arange(start, start + n, device=idx_TK.device)
-        return (idx_TK[..., None] == experts).to(self.dtype)
+    def slot_mask(self, idx_TK: Tensor, w_TK: Tensor | None = None) -> Tensor:
+        """(K, T, N) in the expert dtype: s (x w_tk) where slot k of token t uses expert j, else 0."""
+        experts = torch.arange(self.num_experts, device=idx_TK.device)
+        mask_KTN = (idx_TK.T[..., None] == experts).to(self.dtype) * self.scaling
+        return mask_KTN if w_TK is None else mask_KTN * w_TK.T[..., None].to(self.dtype)
+
+    def add_per_slot(self, base_TF: Tensor, xA_TM: Tensor, mask_KTN: Tensor) -> Tensor:
+        """base_t + s B_{idx_tk} A_{idx_tk} x_t for every slot  -> (K, T, d_out).
+
+        `xA_TM` = x @ flat_A().T (T, N r), computed by the caller (one GEMM for several projections);
+        `mask_KTN` = slot_mask(idx). The base output is added inside the batched GEMM.
+        """
+        K, T, N = mask_KTN.shape
+        z_KTM = (xA_TM.view(1, T, N, self.r) * mask_KTN[..., None]).view(K, T, N * self.r)
+        B_KMF = self.flat_B().expand(K, -1, -1)
+        if base_TF.dtype == self.dtype:
+            return torch.baddbmm(base_TF.unsqueeze(0), z_KTM, B_KMF)
+        return base_TF.unsqueeze(0) + torch.bmm(z_KTM, B_KMF).to(base_TF.dtype)
+
+    def reduce_slots(self, h_KTD: Tensor, gate_KTN: Tensor) -> Tensor:
+        """sum_k w_tk s B_{idx_tk} A_{idx_tk} h_tk  -> (T, d_out); `gate_KTN` = slot_mask(idx, w)."""
+        K, T, N = gate_KTN.shape
+        z_KTNr = (h_KTD.to(self.dtype) @ self.flat_A().T).view(K, T, N, self.r)
+        z_TM = (z_KTNr * gate_KTN[..., None]).sum(0).view(T, N * self.r)
+        return z_TM @ self.flat_B()
 
     # ---- reference path --------------------------------------------------------------------------
     def expert(self, e: int, x_ND: Tensor) -> Tensor:

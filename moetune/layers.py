@@ -188,27 +188,47 @@ class MoEFFN(RoutedLayer):
         return self._post(y).view(*lead, -1)
 
     def _fast(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        """The frozen projections run once; slots are (K, T, F) so the base broadcasts over K."""
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         T, K = idx_TK.shape
-        base_outs, slot_outs = [], []
+        banks = [self.experts[p] for p in self.spec.in_projs if p in self.experts]
+        mask_KTN = banks[0].slot_mask(idx_TK) if banks else None
+        # one GEMM gives x A for every expert of every adapted input projection
+        xA_TM = xd_TD.to(self.experts_dtype) @ torch.cat([b.flat_A() for b in banks]).T if banks else None
+        base_outs, slot_outs, col = [], [], 0
         for p in self.spec.in_projs:
             base_TF = self._proj(p)(x_TD)
             base_outs.append(base_TF)
             if p in self.experts:
-                delta_TKF = self.experts[p].per_slot(xd_TD, idx_TK).to(base_TF.dtype)
-                slot_outs.append(base_TF[:, None] + delta_TKF)
+                bank = self.experts[p]
+                width = bank.num_experts * bank.r
+                slot_outs.append(bank.add_per_slot(base_TF, xA_TM[:, col : col + width], mask_KTN))
+                col += width
             else:
-                slot_outs.append(base_TF[:, None].expand(T, K, -1))
+                slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
         act = self._act()
-        h0_TF = self.spec.hidden(act, base_outs)
-        h_TKF = self.spec.hidden(act, slot_outs)
-        w_TK1 = w_TK[..., None].to(h0_TF.dtype)
-        mixed_TF = h0_TF + (w_TK1 * (h_TKF - h0_TF[:, None])).sum(1)
+        h_KTF = self.spec.hidden(act, slot_outs)
+        # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k: exact for every router
+        w_KT1 = w_TK.T[..., None].to(h_KTF.dtype)
+        mixed_TF = self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0))
+        for k in range(K):
+            mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
         if self.spec.out_proj in self.experts:
             bank = self.experts[self.spec.out_proj]
-            y_TD = y_TD + bank.per_slot_reduce(self.lora_dropout(h_TKF), idx_TK, w_TK).to(y_TD.dtype)
+            delta_TD = bank.reduce_slots(self._dropout_slots(h_KTF), bank.slot_mask(idx_TK, w_TK))
+            y_TD = y_TD + delta_TD.to(y_TD.dtype)
         return y_TD
+
+    def _dropout_slots(self, h_KTF: Tensor) -> Tensor:
+        """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
+        if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return h_KTF
+        return h_KTF * self.lora_dropout(torch.ones_like(h_KTF[0]))
+
+    @property
+    def experts_dtype(self) -> torch.dtype:
+        return next(iter(self.experts.values())).dtype
 
     def _expert_ffn(self, e: int | None, x_ND: Tensor, xd_ND: Tensor) -> Tensor:
         """FFN_e(x) without the post dropout; e=None is the frozen FFN."""
