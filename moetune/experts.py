@@ -10,12 +10,15 @@ to d_out. No host sync, no per-expert loop, static shapes:
   dense         sum_e w_te * delta_e(x_t)                for `linear` experts          -> (T, d_out)
   add_per_slot  base_t + delta_{idx_tk}(x_t)              input projections of `ffn`    -> (K, T, d_out)
   reduce_slots  sum_k w_tk * delta_{idx_tk}(h_tk)         output projection of `ffn`    -> (T, d_out)
+Its waste grows with E: every token multiplies by all N r columns. `SlotGroups` + `grouped_mm` sort
+the T K slots by expert once and run one grouped GEMM per projection instead (work independent of E).
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +116,15 @@ class LoRAExperts(nn.Module):
         z_TM = (z_KTNr * gate_KTN[..., None]).sum(0).view(T, N * self.r)
         return z_TM @ self.flat_B()
 
+    # ---- grouped path: slots sorted by expert, one grouped GEMM per projection ---------------------
+    def A_T(self) -> Tensor:
+        """(N, d_in, r), contiguous (the grouped GEMM wants it)."""
+        return torch.cat([A.transpose(1, 2) for A in self.lora_A]).contiguous()
+
+    def B_T(self) -> Tensor:
+        """(N, r, d_out), contiguous."""
+        return torch.cat([B.transpose(1, 2) for B in self.lora_B]).contiguous()
+
     # ---- reference path --------------------------------------------------------------------------
     def expert(self, e: int, x_ND: Tensor) -> Tensor:
         """One expert's delta s * B_e A_e x, the obvious way  -> (N, d_out)."""
@@ -121,3 +133,37 @@ class LoRAExperts(nn.Module):
                 x_ND = x_ND.to(self.dtype)
                 return ((x_ND @ A[e - start].T) * self.scaling) @ B[e - start].T  # scale the (N, r) side
         raise IndexError(f"expert {e} out of range 0..{self.num_experts - 1}")
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """The T*K routing slots (slot id k*T + t, K-major) sorted by expert, for grouped GEMMs."""
+
+    order: Tensor  # (S,) slot ids in expert order
+    token: Tensor  # (S,) token of each sorted slot
+    inverse: Tensor  # (S,) position of each slot id in `order`
+    offsets: Tensor  # (N,) int32, end row of each expert's group
+
+    @classmethod
+    def build(cls, idx_TK: Tensor, num_experts: int) -> SlotGroups:
+        T = idx_TK.shape[0]
+        expert_S = idx_TK.T.reshape(-1)
+        order = torch.argsort(expert_S, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        offsets = torch.bincount(expert_S, minlength=num_experts).cumsum(0).to(torch.int32)
+        return cls(order, order % T, inverse, offsets)
+
+
+def grouped_mm(x_SD: Tensor, w_NDF: Tensor, groups: SlotGroups) -> Tensor:
+    """Rows of group j times w_NDF[j]  -> (S, F)."""
+    return torch._grouped_mm(x_SD.contiguous(), w_NDF, offs=groups.offsets)
+
+
+def has_grouped_mm(dtype: torch.dtype, *dims: int) -> bool:
+    """torch >= 2.8 has a (private) grouped GEMM for float32 / bfloat16 / float16 whose matrix rows
+    must be multiples of 16 bytes long."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(d * itemsize % 16 == 0 for d in dims)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moetune.architectures import FFNSpec, linear_dims
 from moetune.config import MoEConfig
-from moetune.experts import LoRAExperts
+from moetune.experts import LoRAExperts, SlotGroups, grouped_mm, has_grouped_mm
 from moetune.routing import Router, Routing
 from moetune.stats import accumulate_stats
 
@@ -36,6 +36,7 @@ class RoutingContext:
     token_mask: Tensor | None = None  # (B, S) bool, True for real tokens
     adapter_enabled: bool = True
     reference: bool = False  # use the slow per-expert loop (tests)
+    dispatch: str = "auto"  # `ffn` fast path: "dense", "grouped" or "auto" (see MoEFFN.uses_grouped)
     want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
     contrastive_sample: int = 256
     records: list | None = None  # filled during a MoEModel forward only (not during generate)
@@ -184,7 +185,12 @@ class MoEFFN(RoutedLayer):
         x_TD = x.reshape(-1, x.shape[-1])
         routing, _ = self.route(x_TD, lead)
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
-        y = self._reference(x_TD, idx_TK, w_TK) if self.ctx.reference else self._fast(x_TD, idx_TK, w_TK)
+        if self.ctx.reference:
+            y = self._reference(x_TD, idx_TK, w_TK)
+        elif self.uses_grouped():
+            y = self._grouped(x_TD, idx_TK, w_TK)
+        else:
+            y = self._fast(x_TD, idx_TK, w_TK)
         return self._post(y).view(*lead, -1)
 
     def _fast(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
@@ -218,6 +224,54 @@ class MoEFFN(RoutedLayer):
             bank = self.experts[self.spec.out_proj]
             delta_TD = bank.reduce_slots(self._dropout_slots(h_KTF), bank.slot_mask(idx_TK, w_TK))
             y_TD = y_TD + delta_TD.to(y_TD.dtype)
+        return y_TD
+
+    def uses_grouped(self) -> bool:
+        """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
+        projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels)."""
+        bank = next(iter(self.experts.values()))
+        if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in self.experts.values()):
+            return False  # e.g. float64 or r = 3: the dense path
+        if self.ctx.dispatch != "auto":
+            return self.ctx.dispatch == "grouped"
+        return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
+
+    def _grouped(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        """As `_fast`, with the slots sorted by expert once and a grouped GEMM per expert projection."""
+        xd_TD = self.lora_dropout(x_TD)
+        T, K = idx_TK.shape
+        banks = [self.experts[p] for p in self.spec.in_projs if p in self.experts]
+        groups = SlotGroups.build(idx_TK, self.experts_total)
+        scaling = next(iter(self.experts.values())).scaling
+        if banks:  # x A of every adapted input projection in one grouped GEMM: (S, sum r)
+            xs_SD = xd_TD.to(self.experts_dtype).index_select(0, groups.token)
+            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), groups) * scaling
+        base_outs, slot_outs, col = [], [], 0
+        for p in self.spec.in_projs:
+            base_TF = self._proj(p)(x_TD)
+            base_outs.append(base_TF)
+            if p in self.experts:
+                bank = self.experts[p]
+                delta_SF = grouped_mm(xA_SM[:, col : col + bank.r], bank.B_T(), groups)
+                delta_KTF = delta_SF.index_select(0, groups.inverse).view(K, T, -1)
+                slot_outs.append(base_TF.unsqueeze(0) + delta_KTF.to(base_TF.dtype))
+                col += bank.r
+            else:
+                slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
+        act = self._act()
+        h_KTF = self.spec.hidden(act, slot_outs)
+        w_KT1 = w_TK.T[..., None].to(h_KTF.dtype)
+        mixed_TF = self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0))
+        for k in range(K):
+            mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
+        y_TD = self._proj(self.spec.out_proj)(mixed_TF)
+        if self.spec.out_proj in self.experts:
+            bank = self.experts[self.spec.out_proj]
+            hd_SF = self._dropout_slots(h_KTF).reshape(K * T, -1).index_select(0, groups.order)
+            gate_S1 = (w_TK.T.reshape(-1)[groups.order] * scaling)[:, None].to(bank.dtype)
+            zd_Sr = grouped_mm(hd_SF.to(bank.dtype), bank.A_T(), groups) * gate_S1
+            delta_SD = grouped_mm(zd_Sr, bank.B_T(), groups)
+            y_TD = y_TD.index_add(0, groups.token, delta_SD.to(y_TD.dtype))
         return y_TD
 
     def _dropout_slots(self, h_KTF: Tensor) -> Tensor:

@@ -94,6 +94,65 @@ def test_fast_equals_reference(family: str, expert_type: str, router: str) -> No
     assert_paths_agree(model, batch)
 
 
+def _max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_grouped_path_equals_reference(family: str, router: str) -> None:
+    """The sorted grouped-GEMM `ffn` path (float32 only: torch's grouped GEMM has no float64)."""
+    pytest.importorskip("torch", minversion="2.8")
+    base = tiny_model(family)
+    cfg = moetune.MoEConfig(
+        router=router,
+        num_experts=4,
+        r=4,  # grouped GEMM rows must be 16-byte multiples
+        lora_dropout=0.0,
+        capacity_factor=0.5,
+        num_shared_experts=1 if router == "topk" else 0,
+        importance_loss_coef=0.1,
+    )
+    model = moetune.get_moe_model(base, cfg)
+    randomize_(model, tie=router in ("topk", "topp"))
+    model.train()
+    assert next(layer for _, layer in model.moe_layers()).uses_grouped()
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    results = {}
+    for dispatch in ("grouped", "dense"):
+        model._ctx.dispatch = dispatch
+        out, grads = run(model, batch, reference=False)
+        results[dispatch] = {"logits": out, **grads}
+    out, grads = run(model, batch, reference=True)
+    reference = {"logits": out, **grads}
+    assert any("lora_B" in name for name in reference)
+    assert results["grouped"].keys() == reference.keys()
+    assert _max_rel_error(results["grouped"], reference) < 1e-4
+    assert _max_rel_error(results["dense"], reference) < 1e-4
+
+
+def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
+    """`auto` picks the grouped path once E r (1/d_in + 1/d_out) > 0.5, never for float64 or rows that
+    are not 16-byte multiples."""
+    chosen = {}
+    for E, r, dtype in [
+        (2, 4, torch.float32),
+        (8, 4, torch.float32),
+        (8, 4, torch.float64),
+        (8, 3, torch.float32),
+    ]:
+        base = tiny_model("llama", dtype=dtype)  # hidden 32, intermediate 64
+        model = moetune.get_moe_model(base, moetune.MoEConfig(num_experts=E, r=r))
+        chosen[E, r, dtype] = next(layer for _, layer in model.moe_layers()).uses_grouped()
+    # 2*4*(1/32 + 1/64) = 0.375 -> dense; 8*4*(1/32 + 1/64) = 1.5 -> grouped
+    assert chosen == {
+        (2, 4, torch.float32): False,
+        (8, 4, torch.float32): True,
+        (8, 4, torch.float64): False,
+        (8, 3, torch.float32): False,
+    }
+
+
 def test_switch_overflow_really_happens() -> None:
     """The switch case above drops tokens: some real tokens keep only the base output."""
     base = tiny_model("llama", dtype=torch.float64)
