@@ -10,8 +10,9 @@ to d_out. No host sync, no per-expert loop, static shapes:
   dense         sum_e w_te * delta_e(x_t)                for `linear` experts          -> (T, d_out)
   add_per_slot  base_t + delta_{idx_tk}(x_t)              input projections of `ffn`    -> (K, T, d_out)
   reduce_slots  sum_k w_tk * delta_{idx_tk}(h_tk)         output projection of `ffn`    -> (T, d_out)
-Its waste grows with E: every token multiplies by all N r columns. `SlotGroups` + `grouped_mm` sort
-the T K slots by expert once and run one grouped GEMM per projection instead (work independent of E).
+Its waste grows with E: every token multiplies by all N r columns. `GroupedSlots` sorts the T K slots
+by expert once (`SlotGroups`) and runs one grouped GEMM per projection instead (work independent of E).
+`DenseSlots` / `GroupedSlots` are the two ways an `ffn` layer gets its per-slot deltas.
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
@@ -167,3 +168,58 @@ def has_grouped_mm(dtype: torch.dtype, *dims: int) -> bool:
         return False
     itemsize = torch.empty((), dtype=dtype).element_size()
     return all(d * itemsize % 16 == 0 for d in dims)
+
+
+class DenseSlots:
+    """`ffn` slots dense in rank space: one GEMM gives x A for every expert of every input projection."""
+
+    def __init__(self, in_banks: dict[str, LoRAExperts], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> None:
+        self.idx_TK, self.w_TK = idx_TK, w_TK
+        if in_banks:
+            banks = list(in_banks.values())
+            self.mask_KTN = banks[0].slot_mask(idx_TK)
+            xA_TM = xd_TD.to(banks[0].dtype) @ torch.cat([b.flat_A() for b in banks]).T
+            self.xA = dict(zip(in_banks, xA_TM.split([b.num_experts * b.r for b in banks], 1), strict=True))
+
+    def add_delta(self, name: str, bank: LoRAExperts, base_TF: Tensor) -> Tensor:
+        """base_t + delta_{idx_tk}(x_t) on input projection `name`  -> (K, T, F)."""
+        return bank.add_per_slot(base_TF, self.xA[name], self.mask_KTN)
+
+    def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
+        """sum_k w_tk delta_{idx_tk}(h_tk) on the output projection  -> (T, D)."""
+        return bank.reduce_slots(h_KTF, bank.slot_mask(self.idx_TK, self.w_TK))
+
+
+class GroupedSlots:
+    """`ffn` slots sorted by expert once; one grouped GEMM per expert projection (work independent of E)."""
+
+    def __init__(self, in_banks: dict[str, LoRAExperts], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> None:
+        self.T, self.K = idx_TK.shape
+        self.w_TK = w_TK
+        self.groups: SlotGroups | None = None
+        self.idx_TK = idx_TK
+        if in_banks:  # x A of every input projection in one grouped GEMM: (S, sum r)
+            banks = list(in_banks.values())
+            groups = self._groups(banks[0])
+            xs_SD = xd_TD.to(banks[0].dtype).index_select(0, groups.token)
+            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), groups) * banks[0].scaling
+            self.xA = dict(zip(in_banks, xA_SM.split([b.r for b in banks], 1), strict=True))
+
+    def _groups(self, bank: LoRAExperts) -> SlotGroups:
+        if self.groups is None:  # every bank of a layer has the same experts
+            self.groups = SlotGroups.build(self.idx_TK, bank.num_experts)
+        return self.groups
+
+    def add_delta(self, name: str, bank: LoRAExperts, base_TF: Tensor) -> Tensor:
+        groups = self._groups(bank)
+        delta_SF = grouped_mm(self.xA[name], bank.B_T(), groups)
+        delta_KTF = delta_SF.index_select(0, groups.inverse).view(self.K, self.T, -1)
+        return base_TF.unsqueeze(0) + delta_KTF.to(base_TF.dtype)
+
+    def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
+        groups = self._groups(bank)
+        h_SF = h_KTF.reshape(self.K * self.T, -1).index_select(0, groups.order).to(bank.dtype)
+        gate_S1 = (self.w_TK.T.reshape(-1)[groups.order] * bank.scaling)[:, None].to(bank.dtype)
+        delta_SD = grouped_mm(grouped_mm(h_SF, bank.A_T(), groups) * gate_S1, bank.B_T(), groups)
+        out_TD = torch.zeros(self.T, bank.d_out, dtype=bank.dtype, device=h_SF.device)
+        return out_TD.index_add(0, groups.token, delta_SD)

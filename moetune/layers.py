@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moetune.architectures import FFNSpec, linear_dims
 from moetune.config import MoEConfig
-from moetune.experts import LoRAExperts, SlotGroups, grouped_mm, has_grouped_mm
+from moetune.experts import DenseSlots, GroupedSlots, LoRAExperts, has_grouped_mm
 from moetune.routing import Router, Routing
 from moetune.stats import accumulate_stats
 
@@ -185,31 +185,21 @@ class MoEFFN(RoutedLayer):
         x_TD = x.reshape(-1, x.shape[-1])
         routing, _ = self.route(x_TD, lead)
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
-        if self.ctx.reference:
-            y = self._reference(x_TD, idx_TK, w_TK)
-        elif self.uses_grouped():
-            y = self._grouped(x_TD, idx_TK, w_TK)
-        else:
-            y = self._fast(x_TD, idx_TK, w_TK)
+        y = self._reference(x_TD, idx_TK, w_TK) if self.ctx.reference else self._fast(x_TD, idx_TK, w_TK)
         return self._post(y).view(*lead, -1)
 
     def _fast(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         """The frozen projections run once; slots are (K, T, F) so the base broadcasts over K."""
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         T, K = idx_TK.shape
-        banks = [self.experts[p] for p in self.spec.in_projs if p in self.experts]
-        mask_KTN = banks[0].slot_mask(idx_TK) if banks else None
-        # one GEMM gives x A for every expert of every adapted input projection
-        xA_TM = xd_TD.to(self.experts_dtype) @ torch.cat([b.flat_A() for b in banks]).T if banks else None
-        base_outs, slot_outs, col = [], [], 0
+        in_banks = {p: self.experts[p] for p in self.spec.in_projs if p in self.experts}
+        slots = (GroupedSlots if self.uses_grouped() else DenseSlots)(in_banks, xd_TD, idx_TK, w_TK)
+        base_outs, slot_outs = [], []
         for p in self.spec.in_projs:
             base_TF = self._proj(p)(x_TD)
             base_outs.append(base_TF)
-            if p in self.experts:
-                bank = self.experts[p]
-                width = bank.num_experts * bank.r
-                slot_outs.append(bank.add_per_slot(base_TF, xA_TM[:, col : col + width], mask_KTN))
-                col += width
+            if p in in_banks:
+                slot_outs.append(slots.add_delta(p, in_banks[p], base_TF))
             else:
                 slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
         act = self._act()
@@ -221,8 +211,7 @@ class MoEFFN(RoutedLayer):
             mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
         if self.spec.out_proj in self.experts:
-            bank = self.experts[self.spec.out_proj]
-            delta_TD = bank.reduce_slots(self._dropout_slots(h_KTF), bank.slot_mask(idx_TK, w_TK))
+            delta_TD = slots.out_delta(self.experts[self.spec.out_proj], self._dropout_slots(h_KTF))
             y_TD = y_TD + delta_TD.to(y_TD.dtype)
         return y_TD
 
@@ -236,53 +225,11 @@ class MoEFFN(RoutedLayer):
             return self.ctx.dispatch == "grouped"
         return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
 
-    def _grouped(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
-        """As `_fast`, with the slots sorted by expert once and a grouped GEMM per expert projection."""
-        xd_TD = self.lora_dropout(x_TD)
-        T, K = idx_TK.shape
-        banks = [self.experts[p] for p in self.spec.in_projs if p in self.experts]
-        groups = SlotGroups.build(idx_TK, self.experts_total)
-        scaling = next(iter(self.experts.values())).scaling
-        if banks:  # x A of every adapted input projection in one grouped GEMM: (S, sum r)
-            xs_SD = xd_TD.to(self.experts_dtype).index_select(0, groups.token)
-            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), groups) * scaling
-        base_outs, slot_outs, col = [], [], 0
-        for p in self.spec.in_projs:
-            base_TF = self._proj(p)(x_TD)
-            base_outs.append(base_TF)
-            if p in self.experts:
-                bank = self.experts[p]
-                delta_SF = grouped_mm(xA_SM[:, col : col + bank.r], bank.B_T(), groups)
-                delta_KTF = delta_SF.index_select(0, groups.inverse).view(K, T, -1)
-                slot_outs.append(base_TF.unsqueeze(0) + delta_KTF.to(base_TF.dtype))
-                col += bank.r
-            else:
-                slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
-        act = self._act()
-        h_KTF = self.spec.hidden(act, slot_outs)
-        w_KT1 = w_TK.T[..., None].to(h_KTF.dtype)
-        mixed_TF = self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0))
-        for k in range(K):
-            mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
-        y_TD = self._proj(self.spec.out_proj)(mixed_TF)
-        if self.spec.out_proj in self.experts:
-            bank = self.experts[self.spec.out_proj]
-            hd_SF = self._dropout_slots(h_KTF).reshape(K * T, -1).index_select(0, groups.order)
-            gate_S1 = (w_TK.T.reshape(-1)[groups.order] * scaling)[:, None].to(bank.dtype)
-            zd_Sr = grouped_mm(hd_SF.to(bank.dtype), bank.A_T(), groups) * gate_S1
-            delta_SD = grouped_mm(zd_Sr, bank.B_T(), groups)
-            y_TD = y_TD.index_add(0, groups.token, delta_SD.to(y_TD.dtype))
-        return y_TD
-
     def _dropout_slots(self, h_KTF: Tensor) -> Tensor:
         """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return h_KTF
         return h_KTF * self.lora_dropout(torch.ones_like(h_KTF[0]))
-
-    @property
-    def experts_dtype(self) -> torch.dtype:
-        return next(iter(self.experts.values())).dtype
 
     def _expert_ffn(self, e: int | None, x_ND: Tensor, xd_ND: Tensor) -> Tensor:
         """FFN_e(x) without the post dropout; e=None is the frozen FFN."""

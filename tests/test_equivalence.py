@@ -131,6 +131,20 @@ def test_grouped_path_equals_reference(family: str, router: str) -> None:
     assert _max_rel_error(results["dense"], reference) < 1e-4
 
 
+@pytest.mark.parametrize("targets", [["down_proj"], ["up_proj"], ["gate_proj", "down_proj"]])
+def test_grouped_path_with_some_projections(targets: list[str]) -> None:
+    base = tiny_model("llama")
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, target_modules=targets)
+    model = moetune.get_moe_model(base, cfg)
+    randomize_(model)
+    model.train()
+    model._ctx.dispatch = "grouped"
+    batch = tiny_batch("llama", batch=2, seq=7, padded=True)
+    out, grads = run(model, batch, reference=False)
+    ref_out, ref_grads = run(model, batch, reference=True)
+    assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
+
+
 def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
     """`auto` picks the grouped path once E r (1/d_in + 1/d_out) > 0.5, never for float64 or rows that
     are not 16-byte multiples."""
