@@ -166,6 +166,42 @@ def evaluate_tasks(model, tokenizer, test: dict[str, list[EvalItem]], log: Calla
     return {"accuracy": results, "routing": routing}
 
 
+def training_mixture(cfg: RunConfig, tasks: Tasks) -> list[Example]:
+    """The run's training examples: held-out prompts removed, tasks mixed by weight, shuffled by the seed."""
+    held_out = [item.example for items in tasks.test.values() for item in items]
+    train_by_task = {t: deduplicate(exs, held_out) for t, exs in tasks.train.items()}
+    total_examples = cfg.data.train_size or sum(map(len, train_by_task.values()))
+    mixture = mix(train_by_task, tasks.weights or None, total_examples, seed=cfg.seed)
+    if not mixture:
+        raise DataError("the training mixture is empty")
+    return mixture
+
+
+def trainer_inputs(tokenizer, cfg: RunConfig, mixture: list[Example], output_dir: str) -> dict[str, Any]:
+    """Keyword arguments of a transformers Trainer for the run: args, dataset, tokenizer and collator."""
+    from datasets import Dataset
+
+    encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in mixture]
+    args = TrainingArguments(
+        **{
+            "output_dir": os.path.join(output_dir, "checkpoints"),
+            "report_to": [],
+            "use_cpu": not torch.cuda.is_available(),
+            "seed": cfg.seed,
+            "save_strategy": "no",
+            "logging_steps": 10,
+            "remove_unused_columns": False,
+            **cfg.training,
+        }
+    )
+    return {
+        "args": args,
+        "train_dataset": Dataset.from_list(encoded),
+        "processing_class": tokenizer,
+        "data_collator": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    }
+
+
 def train_and_evaluate(
     model, tokenizer, cfg: RunConfig, tasks: Tasks, output_dir: str, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -186,38 +222,14 @@ def train_and_evaluate(
     trainable, total = moe.get_nb_trainable_parameters()
     log(f"moetune: {trainable:,} trainable of {total:,} parameters")
 
-    held_out = [item.example for items in tasks.test.values() for item in items]
-    train_by_task = {t: deduplicate(exs, held_out) for t, exs in tasks.train.items()}
-    total_examples = cfg.data.train_size or sum(map(len, train_by_task.values()))
-    mixture = mix(train_by_task, tasks.weights or None, total_examples, seed=cfg.seed)
-    if not mixture:
-        raise DataError("the training mixture is empty")
-    encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in mixture]
-    from datasets import Dataset
-
-    train_ds = Dataset.from_list(encoded)
-    args = TrainingArguments(
-        **{
-            "output_dir": os.path.join(output_dir, "checkpoints"),
-            "report_to": [],
-            "use_cpu": not torch.cuda.is_available(),
-            "seed": cfg.seed,
-            "save_strategy": "no",
-            "logging_steps": 10,
-            "remove_unused_columns": False,
-            **cfg.training,
-        }
-    )
+    mixture = training_mixture(cfg, tasks)
     trainer = MoETrainer(
         model=moe,
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         router_lr_multiplier=cfg.router_lr_multiplier,
+        **trainer_inputs(tokenizer, cfg, mixture, output_dir),
     )
     start = time.time()
-    counts = ", ".join(f"{t}: {sum(e.task == t for e in mixture)}" for t in train_by_task)
+    counts = ", ".join(f"{t}: {sum(e.task == t for e in mixture)}" for t in tasks.train)
     log(f"training on {len(mixture)} examples ({counts})")
     trainer.train()
     train_seconds = time.time() - start
