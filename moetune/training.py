@@ -12,6 +12,12 @@ What the mixin adds to a Trainer:
 - checkpoints that hold the adapter only (+ optimizer, scheduler, RNG state), and resume from them.
 
 Use `MoETrainer` as a drop-in Trainer, or mix into TRL: `class MoESFTTrainer(MoETrainerMixin, SFTTrainer)`.
+For DPO use `moetune.dpo.MoEDPOTrainer` (needs `trl`): its reference model is the frozen base, obtained
+by running the policy inside `disable_adapter()` (`DisabledAdapterReference`), never a copy of the base:
+
+    from moetune.dpo import MoEDPOTrainer
+    trainer = MoEDPOTrainer(model=moe_model, args=trl.DPOConfig(...), train_dataset=pairs,
+                            processing_class=tokenizer)
 """
 
 from __future__ import annotations
@@ -53,18 +59,40 @@ class _ExpertBiasCallback(TrainerCallback):
         unwrap_moe(self.trainer.model).update_expert_bias()
 
 
+class DisabledAdapterReference(nn.Module):
+    """A reference model (DPO's pi_ref) that is the policy with every adapter off: no copy of the base.
+
+    The policy is kept as a plain attribute, not a submodule, so what a trainer does to its reference
+    model (`.to()`, `.eval()`, dropout changes, `state_dict()`) leaves the policy alone; the view has no
+    parameters of its own. Calling it runs `policy(...)` inside `policy.disable_adapter()`.
+    """
+
+    policy: MoEModel
+
+    def __init__(self, policy: MoEModel) -> None:
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not registered: nn.Module.__setattr__ would
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
 @contextmanager
 def _fused_head_on_base_model(trainer_cls: type) -> Iterator[None]:
     """TRL's trainers patch a fused LM head onto the model they train, or onto a peft model's base model.
 
     For a MoEModel the head belongs on the wrapped transformers model too (our forward passes
-    `fused_lm_head` through), so during the trainer's __init__ TRL's helper is pointed there.
+    `fused_lm_head` through), so during the trainer's __init__ TRL's helper is pointed there; a
+    `DisabledAdapterReference` is left as it is (it calls the policy, which has the head).
     """
     modules = {sys.modules[c.__module__] for c in trainer_cls.__mro__ if c.__module__ in sys.modules}
     patched = [(m, m.add_fused_lm_head) for m in modules if callable(getattr(m, "add_fused_lm_head", None))]
     for module, original in patched:
 
         def redirected(model, *args, _original=original, **kwargs):
+            if isinstance(model, DisabledAdapterReference):
+                return None  # it calls the policy, whose base model gets the head
             target = model.get_base_model() if isinstance(model, MoEModel) else model
             return _original(target, *args, **kwargs)
 
