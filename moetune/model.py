@@ -171,6 +171,21 @@ class MoEModel(nn.Module):
         """Per MoE layer since the last reset: tokens per expert, load CV, router entropy, dead experts."""
         return {name: stats.summarize(layer.router) for name, layer in self.moe_layers()}
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by torch's `DistributedDataParallel` when it wraps this model: buffers it must leave alone.
+
+        DDP copies rank 0's buffers to every rank before a forward (`broadcast_buffers`, on by default).
+        The routers' running counts are per-rank partial sums that `stats.all_reduce_sum` adds up, so
+        that copy would count rank 0's tokens twice and lose the others'. The expert bias stays
+        broadcast: it is identical on every rank (updated from all-reduced counts).
+        """
+        return [
+            f"base_model.{name}.router.{buf}"
+            for name, _ in self.moe_layers()
+            for buf in stats.PER_RANK_BUFFERS
+        ]
+
     def reset_routing_stats(self) -> None:
         for _, layer in self.moe_layers():
             stats.reset(layer.router)

@@ -16,6 +16,10 @@ from torch import Tensor
 
 from moetune.routing import Router, Routing
 
+# The router buffers that hold this rank's running sums: all-reduced when read, never copied between
+# ranks (DDP's per-forward buffer broadcast would replace them with rank 0's, see MoEModel).
+PER_RANK_BUFFERS = ("step_counts", "load_counts", "entropy_sum", "token_count")
+
 
 @torch.no_grad()
 def accumulate_stats(router: Router, routing: Routing, mask_T: Tensor, count_step: bool) -> None:

@@ -8,8 +8,21 @@ What the mixin adds to a Trainer:
   world size (they are per-rank micro-batch means, as in Switch and transformers; DDP averages them);
 - the aux-loss-free bias update once per optimizer step (a callback);
 - the routers in their own optimizer group: learning rate x `router_lr_multiplier`, no weight decay;
-- router metrics in the logs: each balance loss, mean load CV and dead experts since the last log;
+- router metrics in the logs: each balance loss, mean load CV and dead experts since the last log
+  (means over all ranks);
 - checkpoints that hold the adapter only (+ optimizer, scheduler, RNG state), and resume from them.
+
+Data parallelism (DDP through torchrun or accelerate), per rank and global:
+- the task loss is the Trainer's: with `average_tokens_across_devices=True` (the default) the token
+  mean over the global batch, so N ranks x b rows train like one process on N*b rows;
+- the balance losses are per rank: each rank computes them on its own micro-batch and DDP averages the
+  gradients, so training minimises the mean of the per-rank losses, not the loss of the global batch
+  (the Switch loss is not linear in the tokens). N ranks x b rows equal one process with micro-batches
+  of b rows accumulated over N steps, not one process with N*b rows;
+- routing statistics, the counts of the aux-loss-free bias update and the logged balance losses are
+  all-reduced: every rank reports the same numbers and keeps the same expert bias. DDP's per-forward
+  buffer broadcast skips the routers' running counts (`MoEModel._ddp_params_and_buffers_to_ignore`).
+Tested with 2 processes (gloo, CPU) in tests/test_distributed.py.
 
 Use `MoETrainer` as a drop-in Trainer, or mix into TRL: `class MoESFTTrainer(MoETrainerMixin, SFTTrainer)`.
 For DPO use `moetune.dpo.MoEDPOTrainer` (needs `trl`): its reference model is the frozen base, obtained
@@ -36,6 +49,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from moetune.model import MoEModel
 from moetune.serialization import load_adapter_weights
+from moetune.stats import all_reduce_sum
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -195,8 +209,11 @@ class MoETrainerMixin:
     # ---- logs --------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._aux_count and "loss" in logs:
-            for name, total in self._aux_sums.items():
-                logs[f"moe/{name}"] = round(total / self._aux_count, 6)
+            # every rank logs (the Trainer gathers its loss too): the mean over all ranks' micro-batches
+            sums = torch.tensor([*self._aux_sums.values(), self._aux_count], dtype=torch.float64)
+            *totals, count = all_reduce_sum(sums).tolist()
+            for name, total in zip(self._aux_sums, totals, strict=True):
+                logs[f"moe/{name}"] = round(total / count, 6)
             self._aux_sums.clear()
             self._aux_count = 0
             moe = unwrap_moe(self.model)
