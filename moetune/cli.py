@@ -107,11 +107,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_per_task=args.train_per_task, test_per_task=args.test_per_task, seed=args.seed
         )
     else:
-        cfg = load_run_config(args.config)
-        model, tokenizer = demo.load_model(cfg.model)
         from moetune.run import tasks_from_config
 
-        tasks = tasks_from_config(cfg.data)
+        cfg = load_run_config(args.config)
+        tasks = tasks_from_config(cfg.data)  # bad data fail here, before a model is loaded
+        model, tokenizer = demo.load_model(cfg.model)
     if overrides:
         cfg.moe = MoEConfig(**{**cfg.moe.to_dict(), **overrides})
     if args.max_steps is not None:

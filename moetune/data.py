@@ -46,6 +46,13 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8", newline="") as fh:
         if ext == ".jsonl":
@@ -112,14 +119,14 @@ def to_example(record: Any, where: str = "record", default_task: str = "default"
 def load_examples(
     source: str | os.PathLike | Iterable[dict[str, Any]], default_task: str = "default"
 ) -> list[Example]:
-    """Examples from a file path, a list of dicts or a `datasets.Dataset`."""
+    """Examples from a file path, a list of dicts or a `datasets.Dataset` (errors count records from 1)."""
     if isinstance(source, (str, os.PathLike)):
         where, records = os.fspath(source), read_records(source)
     else:
         where, records = "dataset", list(source)
         if not records:
             raise DataError("dataset: no records")
-    return [to_example(r, f"{where} record {i}", default_task) for i, r in enumerate(records)]
+    return [to_example(r, f"{where} record {i}", default_task) for i, r in enumerate(records, 1)]
 
 
 def deduplicate(train: Sequence[Example], test: Sequence[Example]) -> list[Example]:

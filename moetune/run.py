@@ -33,11 +33,29 @@ class ConfigError(ValueError):
     """A bad run configuration; the message names the key and what is allowed."""
 
 
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class DataSource:
     path: str = field(metadata={"help": "A .jsonl/.json/.csv file of prompt/response or messages records."})
     task: str | None = field(default=None, metadata={"help": "Task name for records without a task field."})
     weight: float = field(default=1.0, metadata={"help": "Sampling weight of this task in the mixture."})
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.path, str) and self.path != "", "path", self.path, "must be a file path")
+        _require(self.task is None or isinstance(self.task, str), "task", self.task, "must be a string")
+        _require(_is_number(self.weight) and self.weight > 0, "weight", self.weight, "must be a number > 0")
 
 
 @dataclass
@@ -57,6 +75,18 @@ class DataConfig:
         },
     )
 
+    def __post_init__(self) -> None:
+        size = self.train_size
+        _require(
+            size is None or (_is_int(size) and size >= 1), "train_size", size, "must be an int >= 1 or null"
+        )
+        n = self.max_length
+        _require(_is_int(n) and n >= 1, "max_length", n, "must be an int >= 1")
+        options_ok = isinstance(self.options, dict) and all(
+            isinstance(v, list) and all(isinstance(o, str) for o in v) for v in self.options.values()
+        )
+        _require(options_ok, "options", self.options, "must map each task to a list of answer strings")
+
 
 @dataclass
 class RunConfig:
@@ -66,6 +96,13 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
     router_lr_multiplier: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, str) and self.model != "", "model", self.model, "must be a string")
+        _require(isinstance(self.training, dict), "training", self.training, "must be a mapping")
+        mult = self.router_lr_multiplier
+        _require(_is_number(mult) and mult > 0, "router_lr_multiplier", mult, "must be a number > 0")
+        _require(_is_int(self.seed), "seed", self.seed, "must be an int")
 
 
 def _strict(cls: type, raw: Any, where: str) -> dict[str, Any]:
@@ -77,7 +114,22 @@ def _strict(cls: type, raw: Any, where: str) -> dict[str, Any]:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw
+    )
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
     return raw
+
+
+def _build(cls: type, kwargs: dict[str, Any], where: str) -> Any:
+    """cls(**kwargs), its ConfigError prefixed with where the values came from."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
@@ -88,10 +140,14 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
         items = data_raw.get(split) or []
         if isinstance(items, (str, dict)):
             items = [items]
+        if not isinstance(items, list):
+            raise ConfigError(f"{where}: data.{split}: expected a file path or a list of them, got {items!r}")
         data_raw[split] = [
-            DataSource(path=i)
-            if isinstance(i, str)
-            else DataSource(**_strict(DataSource, i, f"{where}: data.{split}"))
+            _build(
+                DataSource,
+                {"path": i} if isinstance(i, str) else _strict(DataSource, i, f"{where}: data.{split}"),
+                f"{where}: data.{split}",
+            )
             for i in items
         ]
     training = raw.get("training") or {}
@@ -102,7 +158,10 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
     if unknown:
         raise ConfigError(f"{where}: training: unknown TrainingArguments field(s) {unknown}")
     rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training")}
-    return RunConfig(moe=moe, data=DataConfig(**data_raw), training=training, **rest)
+    data = _build(DataConfig, data_raw, f"{where}: data")
+    if not data.train:
+        raise ConfigError(f"{where}: data.train: no training files given")
+    return _build(RunConfig, {"moe": moe, "data": data, "training": training, **rest}, where)
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -113,7 +172,7 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
         try:
             raw = yaml.safe_load(fh)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return parse_run_config(raw, path)
 
 

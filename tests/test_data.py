@@ -139,10 +139,13 @@ def test_run_config_typos_are_errors(tmp_path) -> None:
         (["train", "{dir}/missing.yaml", "--output-dir", "{dir}/o"], "no such config file"),
         (["train", "{dir}/typo.yaml", "--output-dir", "{dir}/o"], "unknown key"),
         (["eval", "--adapter", "{dir}/nothing"], "not an adapter"),
+        (["train", "{dir}/empty.yaml", "--output-dir", "{dir}/o"], "empty.jsonl: no records"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args: list[str], match: str) -> None:
     (tmp_path / "typo.yaml").write_text("moe:\n  num_expert: 4\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.yaml").write_text(f"data: {{train: [{tmp_path / 'empty.jsonl'}]}}\n")
     argv = [a.format(dir=tmp_path) for a in args]
     proc = subprocess.run(
         [sys.executable, "-m", "moetune.cli", *argv], capture_output=True, text=True, timeout=120
@@ -162,3 +165,85 @@ def test_cli_help_comes_from_the_config() -> None:
     for name, help_text in MoEConfig.help().items():
         assert "--" + name.replace("_", "-") in text
         assert " ".join(help_text.split())[:40] in text
+
+
+BAD_INPUTS = {
+    # name: (YAML config text, {data file: content}, what the one error line says)
+    "empty dataset": ("data: {train: [train.jsonl]}", {"train.jsonl": ""}, "train.jsonl: no records"),
+    "blank lines only": ("data: {train: [train.jsonl]}", {"train.jsonl": "\n \n"}, "train.jsonl: no records"),
+    "empty JSON list": ("data: {train: [train.json]}", {"train.json": "[]"}, "train.json: no records"),
+    "empty test set": (
+        "data: {train: [train.jsonl], test: [test.jsonl]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n', "test.jsonl": ""},
+        "test.jsonl: no records",
+    ),
+    "missing data file": ("data: {train: [nope.jsonl]}", {}, "nope.jsonl: no such data file"),
+    "unknown record field": (
+        "data: {train: [train.jsonl]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "taks": "x"}\n'},
+        "train.jsonl record 2: unknown fields ['taks']",
+    ),
+    "task not a string": (
+        "data: {train: [train.jsonl]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b", "task": 3}\n'},
+        "train.jsonl record 1: task must be a string, got 3",
+    ),
+    "unknown data source key": (
+        "data: {train: [{path: train.jsonl, taks: a}]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: data.train: unknown key(s) ['taks']",
+    ),
+    "data source without path": (
+        "data: {train: [{task: a}]}",
+        {},
+        "c.yaml: data.train: missing key(s) ['path']",
+    ),
+    "data source path not a string": ("data: {train: [{path: 3}]}", {}, "c.yaml: data.train: path=3"),
+    "weight not a number": (
+        "data: {train: [{path: train.jsonl, weight: heavy}]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: data.train: weight='heavy'",
+    ),
+    "train_size not an int": (
+        "data: {train: [train.jsonl], train_size: many}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: data: train_size='many'",
+    ),
+    "model not a string": ("model: [1]\ndata: {train: [train.jsonl]}", {}, "c.yaml: model=[1]"),
+    "seed not an int": ("seed: abc\ndata: {train: [train.jsonl]}", {}, "c.yaml: seed='abc'"),
+    "not UTF-8 data": (
+        "data: {train: [train.jsonl]}",
+        {"train.jsonl": b'{"prompt": "\xff"}\n'},
+        "train.jsonl: not UTF-8 text",
+    ),
+    "train not a list": ("data: {train: 5}", {}, "c.yaml: data.train: expected a file path or a list"),
+    "no training files": ("moe: {num_experts: 4}", {}, "c.yaml: data.train: no training files given"),
+    "YAML syntax error": ("data: {train: [train.jsonl]\n", {}, "c.yaml: not valid YAML"),
+    "YAML key typo": ("data: {trian: [train.jsonl]}", {}, "c.yaml: data: unknown key(s) ['trian']"),
+    "missing config file": (None, {}, "c.yaml: no such config file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_cli_train_bad_input_one_line(tmp_path, capsys, monkeypatch, case: str) -> None:
+    """`moetune train` on bad input: exit status 2 and one stderr line naming the file and the problem.
+
+    The config's model directory does not exist: the data are checked before any model is loaded
+    (loading one takes seconds to minutes), so the error is about the data, not the model.
+    """
+    from moetune.cli import main
+
+    config, files, expected = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)  # data paths in the configs are relative to it
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    if config is not None:
+        model = "" if config.startswith("model:") else f"model: {tmp_path / 'no-model'}\n"
+        (tmp_path / "c.yaml").write_text(model + config)
+    code = main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("moetune train: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()  # nothing was started
