@@ -64,6 +64,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "moetune-ffn-e8": ("moetune", dict(expert_type="ffn", num_experts=8)),
     "moetune-ffn-e32": ("moetune", dict(expert_type="ffn", num_experts=32)),
     "moetune-ffn-e64": ("moetune", dict(expert_type="ffn", num_experts=64)),
+    "moetune-dense-e64": ("moetune", dict(expert_type="ffn", num_experts=64, dispatch="dense")),
     "moetune-ref-e8": ("moetune", dict(expert_type="ffn", num_experts=8, reference=True)),
     "moetune-linear-e8": ("moetune", dict(expert_type="linear", num_experts=8)),
     "mixlora-e8": ("mixlora", dict(num_experts=8)),
@@ -116,6 +117,7 @@ class Bench:
                 lora_dropout=dropout,
             )
             self.model = moetune.get_moe_model(base, mcfg)
+            self.model._ctx.dispatch = opts.get("dispatch", "auto")  # "auto": grouped GEMMs when E is large
             params = [p for p in self.model.parameters() if p.requires_grad]
         elif kind == "mixlora":
             self.model, params, self._mixlora_experts = _build_mixlora(base, opts["num_experts"], dropout)

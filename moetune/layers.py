@@ -204,10 +204,16 @@ class MoEFFN(RoutedLayer):
                 slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
         act = self._act()
         h_KTF = self.spec.hidden(act, slot_outs)
-        # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k: exact for every router
+        # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k; the h0 term is skipped where
+        # the weights sum to 1 for every token (it would be rounding error times h0)
         w_KT1 = w_TK.T[..., None].to(h_KTF.dtype)
-        mixed_TF = self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0))
-        for k in range(K):
+        if self.router.weights_sum_to_one and not self.num_shared:
+            mixed_TF = h_KTF[0] * w_KT1[0]
+        else:
+            mixed_TF = torch.addcmul(
+                self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0)), h_KTF[0], w_KT1[0]
+            )
+        for k in range(1, K):
             mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
         if self.spec.out_proj in self.experts:

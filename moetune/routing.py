@@ -127,6 +127,13 @@ class Router(nn.Module):
     for the bias update and the routing statistics (not saved).
     """
 
+    # routers whose weights sum to 1 on every token, padding included (renormalised or dense softmax)
+    WEIGHTS_SUM_TO_ONE = ("topk", "topp", "soft")
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        return self.kind in self.WEIGHTS_SUM_TO_ONE
+
     def __init__(
         self,
         d_in: int,
