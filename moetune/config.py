@@ -179,12 +179,15 @@ class MoEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        """Build from a dict; unknown keys (e.g. from a newer version) warn and are ignored."""
+    def from_dict(cls, data: dict[str, Any], where: str = "MoEConfig") -> MoEConfig:
+        """Build from a dict; unknown keys (e.g. from a newer version) warn naming `where` and are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"MoEConfig: ignoring unknown keys {unknown}", stacklevel=2)
+            warnings.warn(
+                f"{where}: ignoring unknown MoEConfig keys {unknown} (written by a newer moetune?)",
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
@@ -212,7 +215,7 @@ class MoEConfig:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
         extras = {k: data.pop(k) for k in list(data) if k.startswith("_")}
-        return cls.from_dict(data), extras
+        return cls.from_dict(data, where=path), extras
 
     @staticmethod
     def help() -> dict[str, str]:

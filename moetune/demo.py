@@ -239,32 +239,69 @@ def setup(train_per_task: int | None = None, test_per_task: int | None = None, s
 
 
 def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
-    """What `moetune eval/stats/generate --adapter` need to rebuild the run's model and data."""
+    """What `moetune eval/stats/generate --adapter` need to rebuild the run's model and data.
+
+    A local model directory is recorded as an absolute path, and the working directory too: the
+    config's relative data paths are relative to it.
+    """
+    from moetune.serialization import atomic_write_text
+
     record = {
-        "model": cfg.model,
+        "model": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
         "demo": args.config is None,
         "config": args.config and os.path.abspath(args.config),
+        "cwd": os.getcwd(),
         "seed": cfg.seed,
         "train_per_task": getattr(args, "train_per_task", None),
         "test_per_task": getattr(args, "test_per_task", None),
     }
-    with open(os.path.join(output_dir, "adapter", RUN_FILE), "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=2)
+    atomic_write_text(os.path.join(output_dir, "adapter", RUN_FILE), json.dumps(record, indent=2))
+
+
+def base_model_of(adapter: str, record: dict[str, Any] | None, extras: dict[str, Any]) -> str:
+    """The adapter's base model: the run record's, else the one its provenance names (`_base_model`)."""
+    name = (record or {}).get("model") or extras.get("_base_model") or ""
+    source = RUN_FILE if record else "the provenance in moetune_config.json"
+    candidates = [name]
+    if record and record.get("cwd") and name and not os.path.isabs(name):
+        candidates.append(os.path.join(record["cwd"], name))
+    for candidate in candidates:
+        if candidate == "smollm2" or (candidate and os.path.isdir(candidate)):
+            return candidate
+    raise MissingAsset(
+        f"{adapter}: cannot find its base model {name!r} (named by {source}): it is neither the demo "
+        "model 'smollm2' nor a local model directory (no hub downloads at run time)"
+    )
 
 
 def load_adapter_run(adapter: str, test_per_task: int | None = None):
-    """(MoEModel, tokenizer, Tasks) for an adapter written by `moetune train`."""
+    """(MoEModel, tokenizer, Tasks) for an adapter; test_per_task=0 needs no data (empty Tasks).
+
+    The base model comes from the run record `moetune train` writes (`moetune_run.json`), else from the
+    adapter's provenance; the held-out data need the run record.
+    """
     from moetune.model import MoEModel
     from moetune.run import load_run_config, tasks_from_config
+    from moetune.serialization import read_config
 
+    if not os.path.isdir(adapter):
+        raise MissingAsset(f"{adapter}: no such adapter directory")
+    _, extras = read_config(adapter)
     run_file = os.path.join(adapter, RUN_FILE)
-    if not os.path.isfile(run_file):
-        raise MissingAsset(f"{run_file}: not an adapter written by `moetune train` (no run record)")
-    with open(run_file, encoding="utf-8") as fh:
-        record = json.load(fh)
-    model, tokenizer = load_model(record["model"])
+    record = None
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            record = json.load(fh)
+    elif test_per_task != 0:
+        raise MissingAsset(
+            f"{run_file}: no run record, so the held-out data of this adapter's run are unknown (only "
+            "`moetune train` writes it; `moetune generate` works without it)"
+        )
+    model, tokenizer = load_model(base_model_of(adapter, record, extras))
     moe = MoEModel.from_pretrained(model, adapter)
-    if record["demo"]:
+    if record is None or test_per_task == 0:
+        tasks = Tasks({}, {})
+    elif record["demo"]:
         n_test = (
             test_per_task if test_per_task is not None else record["test_per_task"] or DEFAULT_TEST_PER_TASK
         )
@@ -272,5 +309,8 @@ def load_adapter_run(adapter: str, test_per_task: int | None = None):
             record["train_per_task"] or DEFAULT_TRAIN_PER_TASK, max(n_test, 0), record["seed"], tokenizer
         )
     else:
-        tasks = tasks_from_config(load_run_config(record["config"]).data)
+        data = load_run_config(record["config"]).data
+        for src in [*data.train, *data.test]:  # relative paths are relative to where training ran
+            src.path = os.path.join(record.get("cwd") or "", src.path)
+        tasks = tasks_from_config(data)
     return moe, tokenizer, tasks

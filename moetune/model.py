@@ -258,12 +258,17 @@ class MoEModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False
+        cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, strict: bool = False
     ) -> MoEModel:
-        """Inject the saved adapter into `model` and load its weights (frozen unless is_trainable)."""
+        """Inject the saved adapter into `model` and load its weights (frozen unless is_trainable).
+
+        Checksums, tensor names and shapes are verified. A base whose fingerprint differs from the one
+        the adapter was trained on (`moetune.provenance`) warns; with `strict=True` it is an error
+        (`BaseMismatchError`), as is an adapter that records no fingerprint.
+        """
         from moetune.serialization import load_adapter
 
-        return load_adapter(cls, model, path, is_trainable=is_trainable)
+        return load_adapter(cls, model, path, is_trainable=is_trainable, strict=strict)
 
     def __getattr__(self, name: str) -> Any:
         try:

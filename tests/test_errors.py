@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 import moetune
+from moetune.config import CONFIG_NAME
 from moetune.layers import LoRALinear, MoEFFN, MoELinear, TrainableCopy
-from moetune.serialization import WEIGHTS_NAME, adapter_state_dict
+from moetune.serialization import WEIGHTS_NAME, AdapterError, adapter_state_dict, load_adapter_weights
 
 try:
     from tests.tiny_models import tiny_model
@@ -282,3 +287,130 @@ def test_failed_load_leaves_the_base_untouched(llama_adapter):
     for name, (grad, value) in before.items():
         assert after[name].requires_grad == grad and torch.equal(after[name], value), name
     moetune.get_moe_model(base, moetune.MoEConfig(num_experts=4, r=4))  # and it can be injected again
+
+
+# ------------------------------------------------------------------------ damaged or tampered adapter files
+
+
+@pytest.fixture
+def adapter_copy(tmp_path, llama_adapter):
+    """A private copy of the llama adapter, to damage."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (tmp_path / name).write_bytes((llama_adapter / name).read_bytes())
+    return tmp_path
+
+
+def load_error(path, error=ValueError, base=None) -> str:
+    with pytest.raises(error) as err:
+        moetune.MoEModel.from_pretrained(base or tiny_model("llama"), path)
+    return message_of(err)
+
+
+def data_start(raw: bytes) -> int:
+    return 8 + struct.unpack("<Q", raw[:8])[0]  # safetensors: u64 header length, JSON header, data
+
+
+def resave(path, **metadata_changes) -> None:
+    """Rewrite the weights with edited metadata (None removes a key); tensors and checksums kept."""
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    for key, value in metadata_changes.items():
+        metadata.pop(key) if value is None else metadata.__setitem__(key, value)
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
+
+
+def test_flipped_byte_in_the_data_fails_the_checksum(adapter_copy):
+    raw = bytearray((adapter_copy / WEIGHTS_NAME).read_bytes())
+    raw[data_start(raw) + 3] ^= 0x01
+    (adapter_copy / WEIGHTS_NAME).write_bytes(bytes(raw))
+    msg = load_error(adapter_copy, AdapterError)
+    assert str(adapter_copy / WEIGHTS_NAME) in msg and "checksum" in msg
+    assert re.search(r"tensor model\.layers\.\d\.mlp\.\S+ fails", msg), msg
+
+
+@pytest.mark.parametrize("keep", ["1 byte less", "half the data", "half the header", "nothing"])
+def test_truncated_weights_name_the_file(adapter_copy, keep):
+    raw = (adapter_copy / WEIGHTS_NAME).read_bytes()
+    start = data_start(raw)
+    cut = {"1 byte less": len(raw) - 1, "half the data": (start + len(raw)) // 2}.get(keep)
+    cut = cut if cut is not None else (start // 2 if keep == "half the header" else 0)
+    (adapter_copy / WEIGHTS_NAME).write_bytes(raw[:cut])
+    msg = load_error(adapter_copy, AdapterError)
+    assert msg.startswith(str(adapter_copy / WEIGHTS_NAME)) and "truncated" in msg
+    assert "Traceback" not in msg and len(msg.splitlines()) == 1
+
+
+def test_dtype_changed_in_the_header_fails_the_checksum(adapter_copy):
+    raw = (adapter_copy / WEIGHTS_NAME).read_bytes()
+    start = data_start(raw)
+    header = raw[8:start].replace(b'"F32"', b'"I32"', 1)  # same size: the file stays valid safetensors
+    assert header != raw[8:start]
+    (adapter_copy / WEIGHTS_NAME).write_bytes(raw[:8] + header + raw[start:])
+    assert "checksum" in load_error(adapter_copy, AdapterError)
+
+
+def test_pickle_in_place_of_safetensors_is_never_unpickled(adapter_copy, tmp_path_factory):
+    marker = tmp_path_factory.mktemp("pickle") / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Payload()}, adapter_copy / WEIGHTS_NAME)
+    msg = load_error(adapter_copy, AdapterError)
+    assert WEIGHTS_NAME in msg and "not a readable safetensors file" in msg
+    assert not marker.exists()
+
+
+def test_checksums_removed_from_the_metadata(adapter_copy):
+    resave(adapter_copy, moetune_sha256=None)
+    assert "lost the tensor checksums" in load_error(adapter_copy, AdapterError)
+
+
+def test_tensor_added_after_save_is_refused(adapter_copy):
+    with safe_open(str(adapter_copy / WEIGHTS_NAME), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    tensors["model.layers.0.mlp.router.extra"] = torch.zeros(2)
+    save_file(tensors, str(adapter_copy / WEIGHTS_NAME), metadata=metadata)
+    msg = load_error(adapter_copy, AdapterError)
+    assert "checksums were recorded" in msg and "router.extra" in msg
+
+
+def test_unknown_config_key_in_an_adapter_warns_naming_it(adapter_copy):
+    data = json.loads((adapter_copy / CONFIG_NAME).read_text())
+    data["future_knob"] = 3
+    text = json.dumps(data, indent=2, sort_keys=True)
+    resave(adapter_copy, moetune_config=text)
+    (adapter_copy / CONFIG_NAME).write_text(text)
+    with pytest.warns(UserWarning, match="future_knob") as record:
+        model = moetune.MoEModel.from_pretrained(tiny_model("llama"), adapter_copy)
+    assert any(WEIGHTS_NAME in str(w.message) for w in record if "future_knob" in str(w.message))
+    assert model.moe_config == moetune.MoEConfig(num_experts=4, r=4)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"num_experts": 0}', "num_experts=0"),
+    ],
+)
+def test_bad_config_in_the_metadata_names_the_file(adapter_copy, config_text, expected):
+    resave(adapter_copy, moetune_config=config_text)
+    msg = load_error(adapter_copy, AdapterError)
+    assert str(adapter_copy / WEIGHTS_NAME) in msg and expected in msg
+
+
+def test_checkpoint_resume_verifies_the_checksums(adapter_copy):
+    """`MoETrainer` resumes through `load_adapter_weights`: a damaged checkpoint is refused there too."""
+    raw = bytearray((adapter_copy / WEIGHTS_NAME).read_bytes())
+    raw[-1] ^= 0x40
+    (adapter_copy / WEIGHTS_NAME).write_bytes(bytes(raw))
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4, r=4))
+    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    with pytest.raises(AdapterError, match="checksum"):
+        load_adapter_weights(model, adapter_copy)
+    assert all(torch.equal(v, before[k]) for k, v in adapter_state_dict(model).items())  # nothing copied

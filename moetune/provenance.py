@@ -1,0 +1,113 @@
+"""Where an adapter comes from: the base model it was trained on and the library versions.
+
+`describe(model)` gives the `_base_*` and `_versions` entries of `moetune_config.json`;
+`check(...)` compares them with the base an adapter is loaded onto.
+
+The base fingerprint is cheap and deterministic, not a hash of every weight. It is the sha256 of,
+for every parameter of the frozen base model (sorted by name, tied weights once, names as in the
+base model before injection, whether or not moetune's wrappers are in place):
+the name, the dtype, the shape, and `SAMPLE` values at evenly spaced flat indices
+(0, (n-1)/(SAMPLE-1), ..., n-1), converted to float64. Buffers (rotary tables, position ids) are
+left out. It detects another model, another layer count or size, a re-initialised or fine-tuned
+base and a base cast to another dtype; a change confined to unsampled values goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moetune.layers import LoRALinear, RoutedLayer, TrainableCopy
+
+SAMPLE = 16  # values sampled per tensor
+
+
+class BaseMismatchError(ValueError):
+    """`from_pretrained(..., strict=True)` onto a base other than the one the adapter was trained on."""
+
+
+def base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of each frozen base parameter, named as in the model before injection."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
+        if isinstance(module, TrainableCopy):
+            yield from walk(module.original, prefix)
+            return
+        if isinstance(module, (RoutedLayer, LoRALinear)):
+            yield from walk(module.base_layer, prefix)
+            return
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield prefix + name, p
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}{name}.")
+
+    yield from walk(model.base_model if hasattr(model, "moe_config") else model, "")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """`sha256:<hex>` of the base parameters' names, dtypes, shapes and sampled values (module docstring)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(base_parameters(model), key=lambda item: item[0]):
+        t = p.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        n = t.numel()
+        if n == 0 or t.device.type == "meta":
+            continue
+        k = min(SAMPLE, n)
+        index = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+        values = t.reshape(-1)[index.to(t.device)].to("cpu", torch.float64)
+        digest.update(values.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The provenance entries saved in `moetune_config.json` (keys start with `_`)."""
+    config = getattr(model, "config", None)
+    return {
+        "_base_model": getattr(config, "_name_or_path", "") or "",
+        "_base_revision": getattr(config, "_commit_hash", None),
+        "_base_fingerprint": fingerprint(model),
+        "_versions": {p: _version(p) for p in ("moetune", "torch", "transformers", "safetensors")},
+    }
+
+
+def check(model: nn.Module, saved: dict[str, Any], where: str, strict: bool) -> None:
+    """Warn (strict: raise `BaseMismatchError`) when `model` is not the base the adapter was trained on."""
+    expected = saved.get("_base_fingerprint")
+    if expected is None:
+        if strict:
+            raise BaseMismatchError(
+                f"{where}: records no base-model fingerprint (saved by an older moetune), so strict=True "
+                "cannot check the base; load with strict=False"
+            )
+        return
+    got = fingerprint(model)
+    if got == expected:
+        return
+    now = getattr(getattr(model, "config", None), "_name_or_path", "") or "?"
+    revision = saved.get("_base_revision")
+    message = (
+        f"{where}: the adapter was trained on base model {saved.get('_base_model') or '?'!r}"
+        f"{f' (revision {revision})' if revision else ''} with fingerprint {expected[:23]}, but is loaded "
+        f"onto {now!r} with fingerprint {got[:23]}: other weights, shapes or dtype, so its outputs will "
+        "differ from training"
+    )
+    if strict:
+        raise BaseMismatchError(message)
+    warnings.warn(message, stacklevel=4)
