@@ -285,7 +285,7 @@ def load_adapter_run(adapter: str, test_per_task: int | None = None):
     from moetune.serialization import read_config
 
     if not os.path.isdir(adapter):
-        raise MissingAsset(f"{adapter}: no such adapter directory")
+        raise MissingAsset(f"{adapter}: not an adapter: no such directory")
     _, extras = read_config(adapter)
     run_file = os.path.join(adapter, RUN_FILE)
     record = None
