@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-per-task", type=int, default=None, help="demo: held-out items per task (>= 200)"
     )
     train.add_argument("--seed", type=int, default=None, help="random seed")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last complete checkpoint in OUTPUT_DIR/checkpoints (one is written on "
+        "Ctrl-C, and every save_steps with training.save_strategy: steps); give the same other arguments",
+    )
     _moe_options(train)
 
     ev = sub.add_parser("eval", help="accuracy of a trained adapter on the run's held-out data")
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input, 1 NaN/inf in training, 130 interrupted (Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
 
     try:
@@ -92,8 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"moetune {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"moetune {args.command}: interrupted", file=sys.stderr)
+    except FloatingPointError as err:
+        print(f"moetune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        checkpoint = getattr(err, "checkpoint", None)  # moetune.callbacks.TrainingInterrupted
+        if checkpoint is not None:
+            again = shlex.join(["moetune", *[a for a in argv if a != "--resume"], "--resume"])
+            print(
+                f"moetune {args.command}: interrupted at step {err.step}; checkpoint saved in {checkpoint}; "
+                f"resume with: {again}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"moetune {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -118,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.training["max_steps"] = args.max_steps
     if args.seed is not None:
         cfg.seed = args.seed
-    metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log)
+    metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log, resume=args.resume)
     demo.remember_run(args.output_dir, cfg, args)
     _log(
         f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}; "

@@ -108,7 +108,14 @@ class MoEConfig:
     )
     skip_nonfinite: bool = _f(
         False,
-        "False: NaN/inf in router logits or losses raises an error naming the layer; True: skip and log.",
+        "False: NaN/inf in router logits or losses raises an error naming the layer; True (with MoETrainer): "
+        "that optimizer step is skipped (gradients dropped, expert bias kept), warned and counted in the "
+        "logs as moe/skipped_steps.",
+    )
+    dead_expert_steps: int = _f(
+        100,
+        "MoETrainer: warn in the logs, once per expert and naming its layer, when an expert has received "
+        "no token for this many consecutive optimizer steps; 0 = never.",
     )
 
     def __post_init__(self) -> None:
@@ -152,6 +159,9 @@ class MoEConfig:
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature={self.contrastive_temperature}: must be > 0")
         _positive_int("contrastive_sample", self.contrastive_sample)
+        steps = self.dead_expert_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"dead_expert_steps={steps!r}: must be an int >= 0 (0 = no warning)")
         if self.router == "soft" and self.aux_loss_coef > 0:
             warnings.warn(
                 "aux_loss_coef > 0 with router='soft': the Switch loss is constant for dense routing "

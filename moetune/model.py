@@ -33,6 +33,8 @@ class MoEModel(nn.Module):
         self.moe_config = config
         self._ctx = RoutingContext(contrastive_sample=config.contrastive_sample)
         self._aux: dict[str, Tensor] = {}
+        # skip_nonfinite=True: what was NaN/inf in the last routed forward (None: all finite); for trainers
+        self.nonfinite: str | None = None
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
         self.balance_losses_in_output = True
         inject(model, config, self._ctx)
@@ -85,9 +87,11 @@ class MoEModel(nn.Module):
             records = ctx.records
         finally:
             ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
-        if records:
-            self._check_finite(records)
-            self._aux = self._balance_losses(records)
+        if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
+            self.nonfinite = None
+            per_router = self._balance_losses(records)
+            self._check_finite(records, per_router)
+            self._aux = {name: values.mean() for name, values in per_router.items()}
             if (
                 self.balance_losses_in_output
                 and labels is not None
@@ -97,7 +101,7 @@ class MoEModel(nn.Module):
         return out
 
     def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
-        """Each loss per router, averaged over routers (SPEC §3)."""
+        """Each loss per router: name -> (R,) in the order of `records` (averaged over routers, SPEC §3)."""
         cfg = self.moe_config
         per_router: dict[str, list[Tensor]] = {"aux_loss": [], "z_loss": [], "importance_loss": []}
         if cfg.contrastive_loss_coef > 0 and records[0].expert_outputs is not None:
@@ -120,18 +124,26 @@ class MoEModel(nn.Module):
                         temperature=cfg.contrastive_temperature,
                     )
                 )
-        return {name: torch.stack(vals).mean() for name, vals in per_router.items()}
+        return {name: torch.stack(vals) for name, vals in per_router.items()}
 
-    def _check_finite(self, records: list[RouterRecord]) -> None:
-        if self.moe_config.skip_nonfinite:
+    def _check_finite(self, records: list[RouterRecord], per_router: dict[str, Tensor]) -> None:
+        """NaN/inf in a router's logits (real tokens only) or its balance losses: a FloatingPointError
+        naming the first such layer, or with `skip_nonfinite` the problem kept in `self.nonfinite`."""
+        logits_ok_R = torch.stack([(r.routing.logits.isfinite().all(-1) | ~r.mask).all() for r in records])
+        losses_ok_LR = torch.stack([values.isfinite() for values in per_router.values()])
+        ok_R = logits_ok_R & losses_ok_LR.all(0)
+        if bool(ok_R.all()):
             return
-        finite = torch.stack([(r.routing.logits.isfinite().all(-1) | ~r.mask).all() for r in records])
-        if not bool(finite.all()):
-            bad = records[int((~finite).nonzero()[0, 0])].name
-            raise FloatingPointError(
-                f"non-finite router logits in {bad}: the input to this layer holds NaN/inf "
-                "(set skip_nonfinite=True to skip such steps instead)"
-            )
+        i = int((~ok_R).nonzero()[0, 0])
+        if not logits_ok_R[i]:
+            problem = f"non-finite router logits in {records[i].name}: the input to this layer holds NaN/inf"
+        else:
+            bad = [name for name, ok in zip(per_router, losses_ok_LR[:, i].tolist(), strict=True) if not ok]
+            problem = f"non-finite {', '.join(bad)} in {records[i].name} (its router logits are finite)"
+        if self.moe_config.skip_nonfinite:
+            self.nonfinite = problem
+            return
+        raise FloatingPointError(f"{problem} (set skip_nonfinite=True to skip such steps instead)")
 
     COEFS = {
         "aux_loss": "aux_loss_coef",

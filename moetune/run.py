@@ -22,6 +22,8 @@ import yaml
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from moetune import stats
+from moetune.callbacks import SaveOnInterrupt, TrainingInterrupted
+from moetune.checkpoints import last_complete_checkpoint
 from moetune.config import MoEConfig
 from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import EvalItem, evaluate
@@ -262,11 +264,19 @@ def trainer_inputs(tokenizer, cfg: RunConfig, mixture: list[Example], output_dir
 
 
 def train_and_evaluate(
-    model, tokenizer, cfg: RunConfig, tasks: Tasks, output_dir: str, log: Callable[[str], None] = print
+    model,
+    tokenizer,
+    cfg: RunConfig,
+    tasks: Tasks,
+    output_dir: str,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Accuracy before, MoE-LoRA training, accuracy after.
 
-    Writes `adapter/`, `metrics.json`, `report.md` and `routing.png` under `output_dir`.
+    Writes `adapter/`, `metrics.json`, `report.md` and `routing.png` under `output_dir`; checkpoints go
+    to `output_dir/checkpoints/`. `resume`: continue from the last complete checkpoint there. Ctrl-C
+    during training saves a checkpoint there and raises `TrainingInterrupted` (`SaveOnInterrupt`).
     """
     from moetune.plots import plot_routing
     from moetune.report import write_report
@@ -287,10 +297,22 @@ def train_and_evaluate(
         router_lr_multiplier=cfg.router_lr_multiplier,
         **trainer_inputs(tokenizer, cfg, mixture, output_dir),
     )
+    checkpoint = None
+    if resume:
+        checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {trainer.args.output_dir}")
+        log(f"resuming from {checkpoint}")
     start = time.time()
     counts = ", ".join(f"{t}: {sum(e.task == t for e in mixture)}" for t in tasks.train)
     log(f"training on {len(mixture)} examples ({counts})")
-    trainer.train()
+    stopper = SaveOnInterrupt()
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.interrupted:
+        saved = last_complete_checkpoint(trainer.args.output_dir)
+        raise TrainingInterrupted(trainer.state.global_step, saved)
     train_seconds = time.time() - start
     moe.save_pretrained(os.path.join(output_dir, "adapter"))
     log("accuracy after fine-tuning:")

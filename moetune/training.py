@@ -6,11 +6,16 @@ What the mixin adds to a Trainer:
   when the Trainer does not divide the loss by the accumulation steps (the model takes
   `num_items_in_batch`), the mixin divides the balance losses itself; they are never multiplied by the
   world size (they are per-rank micro-batch means, as in Switch and transformers; DDP averages them);
-- the aux-loss-free bias update once per optimizer step (a callback);
+- the aux-loss-free bias update once per optimizer step, steps with NaN/inf skipped when the config's
+  `skip_nonfinite` is set (else a FloatingPointError naming the layer, or the loss), and warnings for
+  experts without a token for `dead_expert_steps` optimizer steps (`moetune.callbacks.StepMonitor`);
 - the routers in their own optimizer group: learning rate x `router_lr_multiplier`, no weight decay;
 - router metrics in the logs: each balance loss, mean load CV and dead experts since the last log
   (means over all ranks);
-- checkpoints that hold the adapter only (+ optimizer, scheduler, RNG state), and resume from them.
+- checkpoints that hold the adapter only (+ optimizer, scheduler, RNG state), and resume from them;
+  a checkpoint counts only once complete (`moetune.checkpoints`: a marker written after every other
+  file is on disk); `resume_from_checkpoint=True` takes the last complete one, older checkpoints are
+  rotated away (`save_total_limit`) only after the new one is complete.
 
 Data parallelism (DDP through torchrun or accelerate), per rank and global:
 - the task loss is the Trainer's: with `average_tokens_across_devices=True` (the default) the token
@@ -44,9 +49,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from moetune import checkpoints
+from moetune.callbacks import StepMonitor
 from moetune.model import MoEModel
 from moetune.serialization import load_adapter_weights
 from moetune.stats import all_reduce_sum
@@ -63,14 +71,6 @@ def unwrap_moe(model: nn.Module) -> MoEModel:
             raise TypeError(f"expected a moetune MoEModel (from get_moe_model), got {type(model).__name__}")
         seen = inner
     return seen
-
-
-class _ExpertBiasCallback(TrainerCallback):
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        unwrap_moe(self.trainer.model).update_expert_bias()
 
 
 class DisabledAdapterReference(nn.Module):
@@ -138,7 +138,10 @@ class MoETrainerMixin:
         with _fused_head_on_base_model(type(self)):
             super().__init__(*args, **kwargs)
         moe = unwrap_moe(self.model)  # fail early on a model without experts
-        self.add_callback(_ExpertBiasCallback(self))
+        self.step_monitor = StepMonitor(
+            lambda: unwrap_moe(self.model), lambda: getattr(self.accelerator, "scaler", None) is not None
+        )
+        self.add_callback(self.step_monitor)
         if self.label_smoother is not None:
             # The Trainer decides whether to shift labels from the model's class name, which is ours.
             causal = type(moe.base_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -157,14 +160,34 @@ class MoETrainerMixin:
         finally:
             moe.balance_losses_in_output = True
         loss, outputs = result if return_outputs else (result, None)
+        finite = not model.training or self._check_finite(moe, loss)
         if moe.aux_losses():
             balance = moe.weighted_aux_loss()
             if model.training:
-                self._remember(moe)
+                if finite:
+                    self._remember(moe)
                 if self._task_loss_is_scaled_for_ga(num_items_in_batch):
                     balance = balance / self.current_gradient_accumulation_steps
             loss = loss + balance.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, moe: MoEModel, loss: torch.Tensor) -> bool:
+        """False when this training micro-batch had NaN/inf (its step will be skipped, `skip_nonfinite`).
+
+        NaN/inf in router logits or balance losses raised in the forward unless `skip_nonfinite`; a
+        non-finite task loss with finite routers raises here, naming the step.
+        """
+        problem = moe.nonfinite
+        if problem is None and not bool(torch.isfinite(loss.detach()).all()):
+            problem = f"non-finite loss ({float(loss.detach().float().sum())}) with finite router logits"
+            if not moe.moe_config.skip_nonfinite:
+                raise FloatingPointError(
+                    f"{problem} at optimizer step {self.state.global_step + 1} "
+                    "(set skip_nonfinite=True to skip such steps instead)"
+                )
+        if problem is not None:
+            self.step_monitor.flag_nonfinite(problem)
+        return problem is None
 
     def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Mirror of Trainer.training_step: is the loss already normalised over the accumulated batch?"""
@@ -222,9 +245,52 @@ class MoETrainerMixin:
                 logs["moe/load_cv"] = round(sum(s["load_cv"] for s in layer_stats) / len(layer_stats), 4)
                 logs["moe/dead_experts"] = sum(len(s["dead_experts"]) for s in layer_stats)
             moe.reset_routing_stats()
+            if moe.moe_config.skip_nonfinite:
+                logs["moe/skipped_steps"] = self.step_monitor.skipped  # since the last log
+                self.step_monitor.skipped = 0
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; `resume_from_checkpoint=True` takes the last *complete* checkpoint, and an
+        explicit checkpoint must be complete (`moetune.checkpoints`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoints.last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"{self.args.output_dir}: no complete checkpoint to resume from")
+        elif resume_from_checkpoint and not checkpoints.is_complete(resume_from_checkpoint):
+            parent = os.path.dirname(os.path.abspath(resume_from_checkpoint))
+            last = checkpoints.last_complete_checkpoint(parent)
+            raise ValueError(
+                f"{resume_from_checkpoint}: not a complete moetune checkpoint (no valid "
+                f"{checkpoints.MARKER}: it was being written when training stopped); the last complete "
+                f"one there is {last}"
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, then the completion marker, then the rotation of old checkpoints."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.clear_for_rewrite(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer would rotate before the marker exists
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:

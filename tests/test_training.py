@@ -34,9 +34,10 @@ def dataset(n: int = 40, seq: int = 12) -> Dataset:
     )
 
 
-def trainer(out: str, max_steps: int = 8, **kwargs) -> MoETrainer:
+def trainer(out: str, max_steps: int = 8, moe: dict | None = None, **kwargs) -> MoETrainer:
+    """A MoETrainer on a tiny llama (config CFG updated by `moe`); kwargs go to TrainingArguments."""
     torch.manual_seed(1)  # adapter initialisation
-    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**CFG))
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**{**CFG, **(moe or {})}))
     args = TrainingArguments(
         output_dir=out,
         per_device_train_batch_size=4,
