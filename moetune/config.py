@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import reprlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +122,7 @@ class MoEConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _choice("expert_type", self.expert_type, EXPERT_TYPES)
         _choice("router", self.router, ROUTERS)
         _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
@@ -126,7 +130,9 @@ class MoEConfig:
         _choice("task_routing", self.task_routing, TASK_ROUTINGS)
         counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
         if not counts or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
-            raise ValueError(f"num_experts={self.num_experts!r}: must be an int >= 1 or a list of them")
+            raise ValueError(
+                f"num_experts={short_repr(self.num_experts)}: must be an int >= 1 or a list of them"
+            )
         _positive_int("r", self.r)
         _positive_int("top_k", self.top_k)
         if self.router == "topk" and self.top_k > min(counts):
@@ -191,8 +197,10 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "MoEConfig") -> MoEConfig:
         """Build from a dict; unknown keys (e.g. from a newer version) warn naming `where` and are dropped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping of MoEConfig fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             warnings.warn(
                 f"{where}: ignoring unknown MoEConfig keys {unknown} (written by a newer moetune?)",
@@ -222,10 +230,17 @@ class MoEConfig:
         with open(path, encoding="utf-8") as fh:
             try:
                 data = json.load(fh)
-            except json.JSONDecodeError as err:
+            except RecursionError:
+                raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+            except ValueError as err:  # also not UTF-8, or an integer of more than 4300 digits
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of MoEConfig fields, got {type(data).__name__}")
         extras = {k: data.pop(k) for k in list(data) if k.startswith("_")}
-        return cls.from_dict(data, where=path), extras
+        try:
+            return cls.from_dict(data, where=path), extras
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @staticmethod
     def help() -> dict[str, str]:
@@ -235,9 +250,56 @@ class MoEConfig:
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported: allowed {', '.join(map(repr, allowed))}")
+        shown = short_repr(value)
+        raise ValueError(f"{name}={shown} is not supported: allowed {', '.join(map(repr, allowed))}")
 
 
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be an int >= 1")
+        raise ValueError(f"{name}={short_repr(value)}: must be an int >= 1")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 200, 200
+
+
+def short_repr(value: Any) -> str:
+    """repr() for error messages, bounded in size (a YAML alias bomb must not hang the message)."""
+    return _REPR.repr(value)
+
+
+def _finite_number(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+# annotation of a field -> (check, what is allowed); "X | None" fields also take None
+_TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63, "a 64-bit int"),
+    "float": (_finite_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (_strings, "a list of strings"),
+    "list[str] | str": (lambda v: isinstance(v, str) or _strings(v), "a string or a list of strings"),
+}
+
+
+def _check_types(config: MoEConfig) -> None:
+    """Each field's value has its annotated type (values from YAML/JSON/CLI may be anything)."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind.endswith(" | None"):
+            if value is None:
+                continue
+            kind = kind.removesuffix(" | None")
+        check, allowed = _TYPE_CHECKS.get(kind, (lambda v: True, ""))
+        if not check(value):
+            raise ValueError(f"{f.name}={short_repr(value)}: must be {allowed}")

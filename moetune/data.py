@@ -52,26 +52,41 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
+def _json_problem(err: Exception) -> str:
+    """Why json.loads failed: its message, or the limit that was hit (nesting, digits of an integer)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+
+
 def _read_records(path: str) -> list[dict[str, Any]]:
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a leading BOM is skipped
         if ext == ".jsonl":
             records = []
             for i, line in enumerate(fh, 1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+                    except (ValueError, RecursionError) as err:  # ValueError: > 4300-digit integers
+                        raise DataError(f"{path}:{i}: not valid JSON ({_json_problem(err)})") from None
         elif ext == ".json":
             try:
                 records = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from None
+            except UnicodeDecodeError:
+                raise
+            except (ValueError, RecursionError) as err:
+                raise DataError(f"{path}: not valid JSON ({_json_problem(err)})") from None
             if not isinstance(records, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         elif ext == ".csv":
-            records = list(csv.DictReader(fh))
+            try:
+                records = list(csv.DictReader(fh))
+            except csv.Error as err:
+                raise DataError(f"{path}: not valid CSV ({err})") from None
+            for i, row in enumerate(records, 1):
+                if None in row:  # DictReader's key for values beyond the header
+                    raise DataError(f"{path} record {i}: more values than the header has columns")
         else:
             raise DataError(f"{path}: unknown data format {ext!r}; allowed .jsonl, .json, .csv")
     if not records:
@@ -84,7 +99,7 @@ def to_example(record: Any, where: str = "record", default_task: str = "default"
         raise DataError(
             f"{where}: expected an object with prompt/response or messages, got {type(record).__name__}"
         )
-    unknown = sorted(set(record) - KNOWN_KEYS)
+    unknown = sorted(set(record) - KNOWN_KEYS, key=str)
     if unknown:
         raise DataError(f"{where}: unknown fields {unknown}; allowed {sorted(KNOWN_KEYS)}")
     task = record.get("task") or default_task
@@ -95,9 +110,14 @@ def to_example(record: Any, where: str = "record", default_task: str = "default"
         if (
             not isinstance(msgs, list)
             or not msgs
-            or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
+            or not all(
+                isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["role"], str)
+                for m in msgs
+            )
         ):
-            raise DataError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+            raise DataError(
+                f"{where}: messages must be a non-empty list of {{role, content}} objects, roles strings"
+            )
         if msgs[-1]["role"] != "assistant":
             raise DataError(
                 f"{where}: the last message must be the assistant's, got role {msgs[-1]['role']!r}"

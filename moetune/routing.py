@@ -5,8 +5,9 @@ softmax, and one small *routing function* that turns probabilities into slots. T
 raw logits, the probabilities and the chosen slots apart (`Routing`), so that losses and statistics
 read exactly what the layer used.
 
-Routing functions (pluggable through `ROUTING_FUNCTIONS`; each returns indices, weights and an
-"active" flag per slot, shape (T, K)):
+Routing functions (pluggable through `ROUTING_FUNCTIONS`; called with probs, scores (= probs + bias)
+and keywords logits, mask and the router's options; each returns indices, weights and an "active"
+flag per slot, shape (T, K)):
   topk       keep the k best experts, renormalise their probabilities (Shazeer et al. 2017; MixLoRA).
   topp       smallest set with probability mass >= top_p, renormalised (dynamic routing, Huang et al. 2024).
   soft       every expert with its probability (dense mixture).
@@ -56,10 +57,16 @@ def _renormalise(w_TK: Tensor) -> Tensor:
     return w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
 
 
-def route_topk(probs: Tensor, scores: Tensor, *, top_k: int, **_: object) -> tuple[Tensor, Tensor, Tensor]:
+def route_topk(
+    probs: Tensor, scores: Tensor, *, top_k: int, logits: Tensor | None = None, **_: object
+) -> tuple[Tensor, Tensor, Tensor]:
     idx_TK = scores.topk(top_k, dim=-1).indices
-    w_TK = _renormalise(probs.gather(-1, idx_TK))
-    return idx_TK, w_TK, torch.ones_like(idx_TK, dtype=torch.bool)
+    p_TK = probs.gather(-1, idx_TK)
+    if logits is not None:
+        # an expert bias can select experts whose p all underflowed to 0: their renormalised
+        # probabilities are then the softmax of their logits (weights must still sum to 1)
+        p_TK = torch.where(p_TK.sum(-1, keepdim=True) > 0, p_TK, logits.gather(-1, idx_TK).softmax(-1))
+    return idx_TK, _renormalise(p_TK), torch.ones_like(idx_TK, dtype=torch.bool)
 
 
 def route_topp(probs: Tensor, scores: Tensor, *, top_p: float, **_: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,6 +209,7 @@ class Router(nn.Module):
         idx, w, active = ROUTING_FUNCTIONS[self.kind](
             probs_TE,
             scores_TE,
+            logits=logits_TE,
             mask=mask_T,
             top_k=self.top_k,
             top_p=self.top_p,

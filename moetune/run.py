@@ -24,11 +24,15 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments
 from moetune import stats
 from moetune.callbacks import SaveOnInterrupt, TrainingInterrupted
 from moetune.checkpoints import last_complete_checkpoint
-from moetune.config import MoEConfig
+from moetune.config import MoEConfig, short_repr
 from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import EvalItem, evaluate
 from moetune.model import MoEModel, get_moe_model
 from moetune.training import MoETrainer
+
+# libyaml's safe loader where installed: linear time and a nesting limit (PyYAML's pure-Python scanner
+# spends seconds on a few thousand nested brackets); the same YAML 1.1 types either way
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(ValueError):
@@ -37,7 +41,7 @@ class ConfigError(ValueError):
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r}: {allowed}")
+        raise ConfigError(f"{key}={short_repr(value)}: {allowed}")
 
 
 def _is_int(value: Any) -> bool:
@@ -85,7 +89,8 @@ class DataConfig:
         n = self.max_length
         _require(_is_int(n) and n >= 1, "max_length", n, "must be an int >= 1")
         options_ok = isinstance(self.options, dict) and all(
-            isinstance(v, list) and all(isinstance(o, str) for o in v) for v in self.options.values()
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(o, str) for o in v)
+            for k, v in self.options.items()
         )
         _require(options_ok, "options", self.options, "must map each task to a list of answer strings")
 
@@ -113,7 +118,7 @@ def _strict(cls: type, raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys may be ints, null, dates...
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     missing = sorted(
@@ -136,14 +141,21 @@ def _build(cls: type, kwargs: dict[str, Any], where: str) -> Any:
 
 def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
     raw = _strict(RunConfig, raw, where)
-    moe = MoEConfig(**_strict(MoEConfig, raw.get("moe"), f"{where}: moe"))
+    try:
+        moe = MoEConfig(**_strict(MoEConfig, raw.get("moe"), f"{where}: moe"))
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{where}: moe: {err}") from None
     data_raw = dict(_strict(DataConfig, raw.get("data"), f"{where}: data"))
     for split in ("train", "test"):
         items = data_raw.get(split) or []
         if isinstance(items, (str, dict)):
             items = [items]
         if not isinstance(items, list):
-            raise ConfigError(f"{where}: data.{split}: expected a file path or a list of them, got {items!r}")
+            raise ConfigError(
+                f"{where}: data.{split}: expected a file path or a list of them, got {short_repr(items)}"
+            )
         data_raw[split] = [
             _build(
                 DataSource,
@@ -156,7 +168,7 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
     if not isinstance(training, dict):
         raise ConfigError(f"{where}: training: expected a mapping of TrainingArguments fields")
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(training) - known)
+    unknown = sorted(set(training) - known, key=str)
     if unknown:
         raise ConfigError(f"{where}: training: unknown TrainingArguments field(s) {unknown}")
     rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training")}
@@ -172,8 +184,12 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(f"{path}: no such config file")
     with open(path, encoding="utf-8") as fh:
         try:
-            raw = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
+            raw = yaml.load(fh, Loader=YAML_LOADER)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+        except (yaml.YAMLError, ValueError, OverflowError) as err:  # ValueError: a bad date, a huge int
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return parse_run_config(raw, path)
 
