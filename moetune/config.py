@@ -104,6 +104,11 @@ class MoEConfig:
         [], "Extra modules trained in full and saved with the adapter (e.g. a classification head)."
     )
     task: str = _f("default", "The task that owns the experts created at injection.")
+    added_experts: list[dict[str, Any]] = _f(
+        [],
+        "Expert blocks appended by MoEModel.add_experts, in order, as {'task', 'num_experts', "
+        "'freeze_existing'}; written by moetune, and added again by from_pretrained before the weights load.",
+    )
     task_routing: str = _f(
         "none",
         "'none'; 'task' (MOELoRA: the gate sees only a learned task embedding); 'token+task' (a task "
@@ -128,6 +133,7 @@ class MoEConfig:
         _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
         _choice("contrastive_mode", self.contrastive_mode, CONTRASTIVE_MODES)
         _choice("task_routing", self.task_routing, TASK_ROUTINGS)
+        _check_tasks(self)
         counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
         if not counts or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise ValueError(
@@ -191,6 +197,10 @@ class MoEConfig:
             )
         return self.num_experts[layer]
 
+    def task_names(self) -> list[str]:
+        """Every task that owns experts, in order of creation (task index = position)."""
+        return [self.task, *(block["task"] for block in self.added_experts)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -252,6 +262,35 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         shown = short_repr(value)
         raise ValueError(f"{name}={shown} is not supported: allowed {', '.join(map(repr, allowed))}")
+
+
+_BLOCK_KEYS = ("task", "num_experts", "freeze_existing")
+
+
+def _check_tasks(config: MoEConfig) -> None:
+    """Task names are distinct non-empty strings; each added block is {task, num_experts >= 1, bool}."""
+    if not isinstance(config.task, str) or not config.task:
+        raise ValueError(f"task={short_repr(config.task)}: must be a non-empty string")
+    if not isinstance(config.added_experts, list):
+        raise ValueError(f"added_experts={short_repr(config.added_experts)}: must be a list of blocks")
+    seen = [config.task]
+    for i, block in enumerate(config.added_experts):
+        if not isinstance(block, dict) or sorted(block) != sorted(_BLOCK_KEYS):
+            raise ValueError(
+                f"added_experts[{i}]={short_repr(block)}: must be a mapping with exactly the keys "
+                f"{list(_BLOCK_KEYS)}"
+            )
+        task, n = block["task"], block["num_experts"]
+        if not isinstance(task, str) or not task or task in seen:
+            raise ValueError(
+                f"added_experts[{i}]: task={short_repr(task)} must be a new non-empty name "
+                f"(tasks before: {seen})"
+            )
+        _positive_int(f"added_experts[{i}].num_experts", n)
+        if not isinstance(block["freeze_existing"], bool):
+            shown = short_repr(block["freeze_existing"])
+            raise ValueError(f"added_experts[{i}].freeze_existing={shown}: must be true or false")
+        seen.append(task)
 
 
 def _positive_int(name: str, value: Any) -> None:

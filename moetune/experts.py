@@ -1,7 +1,10 @@
 """LoRA experts as stacked tensors: A (E, r, d_in), B (E, d_out, r), one block per task.
 
 Expert e computes the delta  s * B_e A_e x  (s = lora_alpha / r, Hu et al. 2021). `add_block`
-appends experts for a new task as new tensors, so freezing the old ones is per tensor.
+appends experts for a new task as new tensors, so freezing the old ones is per tensor. `view` picks
+ranges of the stored experts (the experts a task may use) without copying a weight; the computations
+below (`ExpertMath`) run the same on a view as on the whole bank, so a task's experts computed from
+their own block see the same shapes, hence the same numerics, as before any block was added.
 
 The fast paths are "dense in rank space": every expert's x A_e^T comes out of one GEMM with the
 stacked A (N r, d_in), is masked per token and slot in the r-dimension (the LoRA scaling and the
@@ -25,53 +28,25 @@ import torch
 from torch import Tensor, nn
 
 
-class LoRAExperts(nn.Module):
-    def __init__(
-        self,
-        num_experts: int,
-        d_in: int,
-        d_out: int,
-        r: int,
-        scaling: float,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.d_in, self.d_out, self.r, self.scaling = d_in, d_out, r, scaling
-        self.lora_A = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
-        self.add_block(num_experts, dtype=dtype, device=device)
+class ExpertMath:
+    """The expert computations over a sequence of (A (n, r, d_in), B (n, d_out, r)) blocks, numbered
+    in order. Shared by `LoRAExperts` (all its stored blocks) and `ExpertView` (some ranges of them)."""
 
-    def add_block(
-        self, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> None:
-        """Append n experts: A Kaiming-uniform (as nn.Linear and peft: bound 1/sqrt(d_in)), B = 0."""
-        if len(self.lora_A):
-            dtype, device = dtype or self.lora_A[0].dtype, device or self.lora_A[0].device
-        bound = 1.0 / math.sqrt(self.d_in)
-        A = torch.empty(n, self.r, self.d_in, dtype=dtype, device=device).uniform_(-bound, bound)
-        self.lora_A.append(nn.Parameter(A))
-        self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
+    d_in: int
+    d_out: int
+    r: int
+    scaling: float
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
 
     @property
     def num_experts(self) -> int:
-        return sum(a.shape[0] for a in self.lora_A)
+        return sum(A.shape[0] for A, _ in self._pairs())
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lora_A[0].dtype
-
-    def extra_repr(self) -> str:
-        sizes = [a.shape[0] for a in self.lora_A]
-        return f"experts={sizes}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}"
-
-    def _blocks(self):
-        """(first expert index, A (n, r, d_in), B (n, d_out, r)) per block."""
-        start = 0
-        for A, B in zip(self.lora_A, self.lora_B, strict=True):
-            yield start, A, B
-            start += A.shape[0]
+        return self._pairs()[0][0].dtype
 
     # ---- fast paths ------------------------------------------------------------------------------
     def dense(self, x_TD: Tensor, w_TE: Tensor) -> Tensor:
@@ -83,13 +58,12 @@ class LoRAExperts(nn.Module):
 
     def flat_A(self) -> Tensor:
         """Every expert's A stacked by rows: (N r, d_in), row j r + i = A_j[i]."""
-        if len(self.lora_A) == 1:
-            return self.lora_A[0].reshape(-1, self.d_in)  # a view
-        return torch.cat([A.reshape(-1, self.d_in) for A in self.lora_A])
+        As = [A.reshape(-1, self.d_in) for A, _ in self._pairs()]
+        return As[0] if len(As) == 1 else torch.cat(As)  # one block: a view
 
     def flat_B(self) -> Tensor:
         """Every expert's B^T stacked by rows: (N r, d_out), row j r + i = B_j[:, i]."""
-        return torch.cat([B.transpose(1, 2).reshape(-1, self.d_out) for B in self.lora_B])
+        return torch.cat([B.transpose(1, 2).reshape(-1, self.d_out) for _, B in self._pairs()])
 
     def slot_mask(self, idx_TK: Tensor, w_TK: Tensor | None = None) -> Tensor:
         """(K, T, N) in the expert dtype: s (x w_tk) where slot k of token t uses expert j, else 0."""
@@ -120,20 +94,83 @@ class LoRAExperts(nn.Module):
     # ---- grouped path: slots sorted by expert, one grouped GEMM per projection ---------------------
     def A_T(self) -> Tensor:
         """(N, d_in, r), contiguous (the grouped GEMM wants it)."""
-        return torch.cat([A.transpose(1, 2) for A in self.lora_A]).contiguous()
+        return torch.cat([A.transpose(1, 2) for A, _ in self._pairs()]).contiguous()
 
     def B_T(self) -> Tensor:
         """(N, r, d_out), contiguous."""
-        return torch.cat([B.transpose(1, 2) for B in self.lora_B]).contiguous()
+        return torch.cat([B.transpose(1, 2) for _, B in self._pairs()]).contiguous()
 
     # ---- reference path --------------------------------------------------------------------------
     def expert(self, e: int, x_ND: Tensor) -> Tensor:
         """One expert's delta s * B_e A_e x, the obvious way  -> (N, d_out)."""
-        for start, A, B in self._blocks():
+        start = 0
+        for A, B in self._pairs():
             if start <= e < start + A.shape[0]:
                 x_ND = x_ND.to(self.dtype)
                 return ((x_ND @ A[e - start].T) * self.scaling) @ B[e - start].T  # scale the (N, r) side
+            start += A.shape[0]
         raise IndexError(f"expert {e} out of range 0..{self.num_experts - 1}")
+
+
+class LoRAExperts(ExpertMath, nn.Module):
+    """The stored experts of one projection: `lora_A` / `lora_B` hold one block per task."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        d_out: int,
+        r: int,
+        scaling: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_in, self.d_out, self.r, self.scaling = d_in, d_out, r, scaling
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.add_block(num_experts, dtype=dtype, device=device)
+
+    def add_block(
+        self, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """Append n experts: A Kaiming-uniform (as nn.Linear and peft: bound 1/sqrt(d_in)), B = 0."""
+        if len(self.lora_A):
+            dtype, device = dtype or self.lora_A[0].dtype, device or self.lora_A[0].device
+        bound = 1.0 / math.sqrt(self.d_in)
+        A = torch.empty(n, self.r, self.d_in, dtype=dtype, device=device).uniform_(-bound, bound)
+        self.lora_A.append(nn.Parameter(A))
+        self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        return list(zip(self.lora_A, self.lora_B, strict=True))
+
+    def extra_repr(self) -> str:
+        sizes = [a.shape[0] for a in self.lora_A]
+        return f"experts={sizes}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}"
+
+    def view(self, pieces: list[tuple[int, int, int]]) -> ExpertMath:
+        """The experts of the ranges (block, start, stop), numbered in that order (no copy of a weight;
+        a single whole block, or all blocks whole and in order, is this module itself)."""
+        whole = [(b, 0, A.shape[0]) for b, A in enumerate(self.lora_A)]
+        if pieces == whole:
+            return self
+        pairs = []
+        for b, start, stop in pieces:
+            A, B = self.lora_A[b], self.lora_B[b]
+            pairs.append((A, B) if (start, stop) == (0, A.shape[0]) else (A[start:stop], B[start:stop]))
+        return ExpertView(pairs, self.d_in, self.d_out, self.r, self.scaling)
+
+
+class ExpertView(ExpertMath):
+    """Some experts of a `LoRAExperts`, renumbered from 0 (what the tokens of a task may use)."""
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], d_in: int, d_out: int, r: int, scaling: float):
+        self.pairs, self.d_in, self.d_out, self.r, self.scaling = pairs, d_in, d_out, r, scaling
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        return self.pairs
 
 
 @dataclass(frozen=True)

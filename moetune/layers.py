@@ -17,16 +17,20 @@ mask, adapter on/off, reference path), because transformers never passes the mas
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moetune.architectures import FFNSpec, linear_dims
 from moetune.config import MoEConfig
-from moetune.experts import DenseSlots, GroupedSlots, LoRAExperts, has_grouped_mm
+from moetune.experts import DenseSlots, ExpertMath, GroupedSlots, LoRAExperts, has_grouped_mm
 from moetune.routing import Router, Routing
 from moetune.stats import accumulate_stats
+
+Blocks = tuple[int, ...] | None  # task blocks whose experts a token may use; None = every expert
 
 
 @dataclass
@@ -40,6 +44,9 @@ class RoutingContext:
     want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
     contrastive_sample: int = 256
     records: list | None = None  # filled during a MoEModel forward only (not during generate)
+    tasks: tuple[int, ...] | None = None  # `use_tasks`: the task blocks every token may use; None = all
+    # `task_ids`: (task block, indices of its samples (n,)) per task present in the batch; None = not given
+    sample_tasks: list[tuple[int, Tensor]] | None = None
 
     def mask_for(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
         """(T,) bool mask for a layer input with leading shape `lead_shape`."""
@@ -51,6 +58,23 @@ class RoutingContext:
         elif m is not None and m.numel() == T:
             return m.reshape(T).to(device)
         return torch.ones(T, dtype=torch.bool, device=device)
+
+    def task_groups(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[Tensor | None, Blocks]]:
+        """The tokens that route alike, as (token rows (n,) or None for all, task blocks or None for all)."""
+        groups = self.sample_tasks
+        if groups is None:
+            return [(None, self.tasks)]
+        if len(groups) == 1:
+            return [(None, (groups[0][0],))]
+        samples = sum(len(rows) for _, rows in groups)
+        if len(lead_shape) != 2 or lead_shape[0] != samples:
+            raise ValueError(
+                f"task_ids gives a task for {samples} samples, but an MoE layer sees inputs of shape "
+                f"{tuple(lead_shape)}: expected ({samples}, sequence length)"
+            )
+        S = lead_shape[1]
+        steps = torch.arange(S, device=device)
+        return [((rows.to(device)[:, None] * S + steps).reshape(-1), (task,)) for task, rows in groups]
 
 
 @dataclass
@@ -94,21 +118,73 @@ class RoutedLayer(nn.Module):
         )
         self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
 
-    def route(self, x_TD: Tensor, lead_shape: torch.Size) -> tuple[Routing, Tensor]:
-        mask_T = self.ctx.mask_for(lead_shape, x_TD.device)
-        routing = self.router(x_TD, mask_T, use_bias=self.use_bias)
+    # ---- tasks: one block of experts per task ----------------------------------------------------
+    def expert_banks(self) -> list[LoRAExperts]:
+        raise NotImplementedError
+
+    def add_experts(self, n: int) -> None:
+        """Append a task block of n routed experts: router rows, bias entries, and every projection's A, B."""
+        self.router.add_block(n)
+        for bank in self.expert_banks():
+            bank.add_block(n)
+
+    def pieces(self, blocks: Blocks) -> list[tuple[int, int, int]]:
+        """Bank ranges (block, start, stop) of the experts tokens restricted to `blocks` use: the routed
+        experts of those blocks in order (router index = position), then the shared experts. Block 0
+        stores the first task's routed experts followed by the shared ones (the layout before tasks)."""
+        ranges = self.router.block_ranges(blocks)
+        out = [(b, 0, n) for b, (_, n) in zip(blocks or range(len(ranges)), ranges, strict=True)]
+        if self.num_shared:
+            E0 = self.router.weight_blocks[0].shape[0]
+            if out[-1] == (0, 0, E0):
+                out[-1] = (0, 0, E0 + self.num_shared)  # adjacent in storage: one range
+            else:
+                out.append((0, E0, E0 + self.num_shared))
+        return out
+
+    def _per_task_group(self, x_TD: Tensor, lead: torch.Size, run: Callable[..., Tensor]) -> Tensor:
+        """run(x, mask, blocks) on each group of tokens routed alike (`RoutingContext.task_groups`);
+        the results back in token order (T, ...)."""
+        mask_T = self.ctx.mask_for(lead, x_TD.device)
+        groups = self.ctx.task_groups(lead, x_TD.device)
+        if len(groups) == 1:
+            return run(x_TD, mask_T, groups[0][1])
+        rows_T = torch.cat([rows for rows, _ in groups])
+        parts = torch.cat([run(x_TD[rows], mask_T[rows], blocks) for rows, blocks in groups])
+        return parts.new_empty(parts.shape).index_copy(0, rows_T, parts)
+
+    # ---- routing ---------------------------------------------------------------------------------
+    def route(
+        self,
+        x_TD: Tensor,
+        lead_shape: torch.Size,
+        mask_T: Tensor | None = None,
+        blocks: Blocks = None,
+        banks: Any = None,
+    ) -> tuple[Routing, Tensor]:
+        """Route T tokens among the experts of `blocks`; `banks`: their expert views (contrastive loss)."""
+        if mask_T is None:
+            mask_T = self.ctx.mask_for(lead_shape, x_TD.device)
+        routing = self.router(x_TD, mask_T, use_bias=self.use_bias, blocks=blocks)
         with torch.no_grad():
-            accumulate_stats(self.router, routing, mask_T, count_step=self.training and self.use_bias)
+            count = self.training and self.use_bias
+            accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks)
         record = RouterRecord(self.layer_name, routing, mask_T)
         if self.ctx.want_expert_outputs:
             sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
-            record.expert_outputs = self.all_expert_deltas(x_TD[sample])
+            banks = self.banks(blocks) if banks is None else banks
+            record.expert_outputs = self.all_expert_deltas(x_TD[sample], banks, routing.num_experts)
             record.sample_active = routing.assignment()[sample]
         if self.ctx.records is not None:
             self.ctx.records.append(record)
         return routing, mask_T
 
-    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
+    def banks(self, blocks: Blocks) -> Any:
+        """The expert views of the experts tokens restricted to `blocks` use (numbered as `pieces`)."""
+        raise NotImplementedError
+
+    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        """Every routed expert's delta on S tokens, no dropout: (S, E, D)."""
         raise NotImplementedError
 
     def _slots(self, routing: Routing, T: int) -> tuple[Tensor, Tensor]:
@@ -178,22 +254,39 @@ class MoEFFN(RoutedLayer):
     def _post(self, y: Tensor) -> Tensor:
         return getattr(self.base_layer, self.spec.post_dropout)(y) if self.spec.post_dropout else y
 
+    def expert_banks(self) -> list[LoRAExperts]:
+        return list(self.experts.values())
+
+    def banks(self, blocks: Blocks) -> dict[str, ExpertMath]:
+        pieces = self.pieces(blocks)
+        return {p: bank.view(pieces) for p, bank in self.experts.items()}
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not self.ctx.adapter_enabled:
             return self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing, _ = self.route(x_TD, lead)
-        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
-        y = self._reference(x_TD, idx_TK, w_TK) if self.ctx.reference else self._fast(x_TD, idx_TK, w_TK)
+        y = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._mixture)
         return self._post(y).view(*lead, -1)
 
-    def _fast(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+    def _mixture(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks) -> Tensor:
+        """FFN(x) + sum_i g_i (FFN_i(x) - FFN(x)) with experts of `blocks`, before the post dropout."""
+        banks = self.banks(blocks)
+        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, banks)
+        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
+        if self.ctx.reference:
+            return self._reference(x_TD, idx_TK, w_TK, banks)
+        return self._fast(x_TD, idx_TK, w_TK, banks)
+
+    def _fast(
+        self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, banks: dict[str, ExpertMath] | None = None
+    ) -> Tensor:
         """The frozen projections run once; slots are (K, T, F) so the base broadcasts over K."""
+        banks = dict(self.experts) if banks is None else banks
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         T, K = idx_TK.shape
-        in_banks = {p: self.experts[p] for p in self.spec.in_projs if p in self.experts}
-        slots = (GroupedSlots if self.uses_grouped() else DenseSlots)(in_banks, xd_TD, idx_TK, w_TK)
+        in_banks = {p: banks[p] for p in self.spec.in_projs if p in banks}
+        grouped = self.uses_grouped(banks)
+        slots = (GroupedSlots if grouped else DenseSlots)(in_banks, xd_TD, idx_TK, w_TK)
         base_outs, slot_outs = [], []
         for p in self.spec.in_projs:
             base_TF = self._proj(p)(x_TD)
@@ -216,16 +309,18 @@ class MoEFFN(RoutedLayer):
         for k in range(1, K):
             mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
-        if self.spec.out_proj in self.experts:
-            delta_TD = slots.out_delta(self.experts[self.spec.out_proj], self._dropout_slots(h_KTF))
+        if self.spec.out_proj in banks:
+            delta_TD = slots.out_delta(banks[self.spec.out_proj], self._dropout_slots(h_KTF))
             y_TD = y_TD + delta_TD.to(y_TD.dtype)
         return y_TD
 
-    def uses_grouped(self) -> bool:
+    def uses_grouped(self, banks: dict[str, ExpertMath] | None = None) -> bool:
         """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
-        projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels)."""
-        bank = next(iter(self.experts.values()))
-        if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in self.experts.values()):
+        projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels). N counts
+        the experts the tokens may use (`banks`, default all)."""
+        banks = dict(self.experts) if banks is None else banks
+        bank = next(iter(banks.values()))
+        if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
             return False  # e.g. float64 or r = 3: the dense path
         if self.ctx.dispatch != "auto":
             return self.ctx.dispatch == "grouped"
@@ -237,40 +332,39 @@ class MoEFFN(RoutedLayer):
             return h_KTF
         return h_KTF * self.lora_dropout(torch.ones_like(h_KTF[0]))
 
-    def _expert_ffn(self, e: int | None, x_ND: Tensor, xd_ND: Tensor) -> Tensor:
-        """FFN_e(x) without the post dropout; e=None is the frozen FFN."""
+    def _expert_ffn(
+        self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None
+    ) -> Tensor:
+        """FFN_e(x) without the post dropout (expert e of `banks`, default all); e=None is the frozen FFN."""
+        banks = dict(self.experts) if banks is None else banks
         outs = []
         for p in self.spec.in_projs:
             out = self._proj(p)(x_ND)
-            if e is not None and p in self.experts:
-                out = out + self.experts[p].expert(e, xd_ND).to(out.dtype)
+            if e is not None and p in banks:
+                out = out + banks[p].expert(e, xd_ND).to(out.dtype)
             outs.append(out)
         h = self.spec.hidden(self._act(), outs)
         y = self._proj(self.spec.out_proj)(h)
-        if e is not None and self.spec.out_proj in self.experts:
-            y = y + self.experts[self.spec.out_proj].expert(e, self.lora_dropout(h)).to(y.dtype)
+        if e is not None and self.spec.out_proj in banks:
+            y = y + banks[self.spec.out_proj].expert(e, self.lora_dropout(h)).to(y.dtype)
         return y
 
-    def _reference(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+    def _reference(self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, banks: dict[str, ExpertMath]) -> Tensor:
         """FFN(x) + sum_i g_i (FFN_i(x) - FFN(x)), one expert at a time on the tokens it was given."""
         xd_TD = self.lora_dropout(x_TD)
         y0_TD = self._expert_ffn(None, x_TD, xd_TD)
         delta_TD = torch.zeros_like(y0_TD)
-        for e in range(self.experts_total):
+        for e in range(next((bank.num_experts for bank in banks.values()), 0)):
             rows, g_N = expert_rows(idx_TK, w_TK, e)
             if rows.numel():
-                y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows])
+                y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows], banks)
                 delta_TD = delta_TD.index_add(0, rows, g_N[:, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
         return y0_TD + delta_TD
 
-    @property
-    def experts_total(self) -> int:
-        return self.router.num_experts + self.num_shared
-
-    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
-        """FFN_e(x) - FFN(x) for every routed expert e, no dropout: (S, E, D)."""
+    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        """FFN_e(x) - FFN(x) for every routed expert e of `banks`, no dropout: (S, E, D)."""
         y0_SD = self._expert_ffn(None, x_SD, x_SD)
-        deltas = [self._expert_ffn(e, x_SD, x_SD) - y0_SD for e in range(self.router.num_experts)]
+        deltas = [self._expert_ffn(e, x_SD, x_SD, banks) - y0_SD for e in range(num_routed)]
         return torch.stack(deltas, 1)
 
 
@@ -293,30 +387,39 @@ class MoELinear(RoutedLayer):
             device=base_layer.weight.device,
         )
 
+    def expert_banks(self) -> list[LoRAExperts]:
+        return [self.experts]
+
+    def banks(self, blocks: Blocks) -> ExpertMath:
+        return self.experts.view(self.pieces(blocks))
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if not self.ctx.adapter_enabled:
             return y
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing, _ = self.route(x_TD, lead)
-        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
-        xd_TD = self.lora_dropout(x_TD)
-        if self.ctx.reference:
-            delta = torch.zeros(x_TD.shape[0], self.experts.d_out, dtype=self.experts.dtype, device=x.device)
-            for e in range(self.experts.num_experts):
-                rows, g_N = expert_rows(idx_TK, w_TK, e)
-                if rows.numel():
-                    contrib = g_N[:, None].to(delta.dtype) * self.experts.expert(e, xd_TD[rows])
-                    delta = delta.index_add(0, rows, contrib)
-        else:
-            w_TE = torch.zeros(x_TD.shape[0], self.experts.num_experts, dtype=w_TK.dtype, device=x.device)
-            delta = self.experts.dense(xd_TD, w_TE.scatter_add(1, idx_TK, w_TK))
+        delta = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._delta)
         return y + delta.view(*lead, -1).to(y.dtype)
 
-    def all_expert_deltas(self, x_SD: Tensor) -> Tensor:
-        E = self.router.num_experts
-        return torch.stack([self.experts.expert(e, x_SD) for e in range(E)], 1)  # (S, E, d_out)
+    def _delta(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks) -> Tensor:
+        """sum_i g_i s B_i A_i x over the experts of `blocks`  -> (T, d_out)."""
+        bank = self.banks(blocks)
+        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, bank)
+        idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
+        xd_TD = self.lora_dropout(x_TD)
+        T, N = x_TD.shape[0], bank.num_experts
+        if not self.ctx.reference:
+            w_TN = torch.zeros(T, N, dtype=w_TK.dtype, device=x_TD.device)
+            return bank.dense(xd_TD, w_TN.scatter_add(1, idx_TK, w_TK))
+        delta = torch.zeros(T, bank.d_out, dtype=bank.dtype, device=x_TD.device)
+        for e in range(N):
+            rows, g_N = expert_rows(idx_TK, w_TK, e)
+            if rows.numel():
+                delta = delta.index_add(0, rows, g_N[:, None].to(delta.dtype) * bank.expert(e, xd_TD[rows]))
+        return delta
+
+    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        return torch.stack([banks.expert(e, x_SD) for e in range(num_routed)], 1)  # (S, E, d_out)
 
 
 class LoRALinear(nn.Module):

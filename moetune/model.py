@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +26,17 @@ class MoEModel(nn.Module):
     `forward` takes the usual inputs, passes the padding mask to the MoE layers, and adds the
     weighted balance losses to `out.loss` when labels are given. Unknown attributes are looked up on
     the base model (`config`, `generate`, ...), as with peft's `PeftModel`.
+
+    Tasks and continual learning (survey §2.3). Every routed expert belongs to a task: the experts
+    created at injection to `MoEConfig.task`, each `add_experts(n, task=...)` block to its task
+    (`tasks` lists them in order of creation; a task's index is its position). Routing is among all
+    experts unless restricted: `with use_tasks(["A"]):` for every token, or `task_ids` per sample
+    (`forward(..., task_ids=...)`, also `generate`). Restricted tokens route among the owners' experts
+    alone (the other logits never enter the softmax: the owners' probabilities are those before the
+    expansion), with k shrunk to the experts the tasks own. Shared experts and attention LoRA serve
+    every task. Guarantee: after `add_experts(..., freeze_existing=True)` and any training,
+    `use_tasks([old])` gives the old task's outputs as before the expansion (the old experts are
+    computed from their own blocks, on the same shapes; tested to 1e-6 in float32).
     """
 
     def __init__(self, model: nn.Module, config: MoEConfig) -> None:
@@ -37,7 +49,14 @@ class MoEModel(nn.Module):
         self.nonfinite: str | None = None
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
         self.balance_losses_in_output = True
+        if config.task_routing != "none":
+            raise NotImplementedError(
+                f"task_routing={config.task_routing!r} is not built yet: use 'none' (task-restricted "
+                "routing through use_tasks / task_ids works with it)"
+            )
         inject(model, config, self._ctx)
+        for block in config.added_experts:  # an expanded adapter: the same blocks, frozen as they were
+            self._append_block(block["num_experts"], block["freeze_existing"])
 
     @property
     def accepts_loss_kwargs(self) -> bool:
@@ -56,13 +75,16 @@ class MoEModel(nn.Module):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
-        task_ids: Tensor | None = None,
+        task_ids: Tensor | Sequence[str] | None = None,
         pixel_values: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        if task_ids is not None:
-            raise NotImplementedError("task_ids: task-restricted routing is not available yet")
+        """The base model's forward with MoE layers. `task_ids`: the task of each sample, a (B,) integer
+        tensor of task indices (positions in `tasks`) or a list of B task names; each sample then routes
+        among its task's experts alone (`use_tasks` is ignored for that forward)."""
+        batch = next((v.shape[0] for v in (input_ids, inputs_embeds) if v is not None and v.dim() >= 2), None)
+        sample_tasks = None if task_ids is None else self._sample_tasks(task_ids, batch)
         named = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -82,11 +104,13 @@ class MoEModel(nn.Module):
         ctx.records = []
         cfg = self.moe_config
         ctx.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and ctx.adapter_enabled
+        ctx.sample_tasks = sample_tasks
         try:
             out = self.base_model(**inputs)
             records = ctx.records
         finally:
             ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
+            ctx.sample_tasks = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
             self.nonfinite = None
             per_router = self._balance_losses(records)
@@ -180,8 +204,14 @@ class MoEModel(nn.Module):
                 yield name, module
 
     def routing_stats(self) -> dict[str, dict[str, Any]]:
-        """Per MoE layer since the last reset: tokens per expert, load CV, router entropy, dead experts."""
-        return {name: stats.summarize(layer.router) for name, layer in self.moe_layers()}
+        """Per MoE layer since the last reset: tokens per expert, load CV, router entropy, dead experts,
+        and `tokens_per_expert_by_task`: task name -> tokens per expert (all experts) of the tokens routed
+        for that task alone (`use_tasks` with one task, or `task_ids`); tasks without such tokens omitted."""
+        return {
+            name: stats.summarize(layer.router)
+            | {"tokens_per_expert_by_task": stats.by_task(layer.router, self.tasks)}
+            for name, layer in self.moe_layers()
+        }
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
@@ -198,6 +228,87 @@ class MoEModel(nn.Module):
             for buf in stats.PER_RANK_BUFFERS
         ]
 
+    # ---- tasks -------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks that own experts, in order of creation (a task's index in `task_ids`)."""
+        return self.moe_config.task_names()
+
+    def add_experts(self, n: int, task: str, freeze_existing: bool = True) -> None:
+        """Append a block of n routed experts owned by `task` to every MoE layer (LoRA A Kaiming-uniform,
+        B zero, new router rows, zero bias entries): the model's outputs do not change until they train.
+
+        freeze_existing=True: everything trained so far keeps its values — every parameter of the model
+        (old experts, old router rows, shared experts, attention LoRA, modules_to_save) is frozen
+        (requires_grad False, gradients dropped), the old bias entries no longer move
+        (`update_expert_bias`), and only the new experts and their router rows train. The block is
+        recorded in `moe_config.added_experts`, so that `save_pretrained` / `from_pretrained` rebuild it.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"add_experts: n={n!r}: must be an int >= 1 (the number of new experts)")
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"add_experts: task={task!r}: must be a non-empty task name")
+        if task in self.tasks:
+            raise ValueError(
+                f"add_experts: task {task!r} already owns experts (tasks: {self.tasks}): name a new task"
+            )
+        if not isinstance(freeze_existing, bool):
+            raise ValueError(f"add_experts: freeze_existing={freeze_existing!r}: must be True or False")
+        self._append_block(n, freeze_existing)
+        record = {"task": task, "num_experts": n, "freeze_existing": freeze_existing}
+        self.moe_config = copy.copy(self.moe_config)  # the caller's config object stays as it was
+        self.moe_config.added_experts = [*self.moe_config.added_experts, record]
+
+    def _append_block(self, n: int, freeze_existing: bool) -> None:
+        if freeze_existing:
+            for p in self.parameters():
+                p.requires_grad_(False)
+                p.grad = None  # an optimizer holding it skips it (no weight decay on a frozen weight)
+        for _, layer in self.moe_layers():
+            layer.add_experts(n)
+
+    @contextmanager
+    def use_tasks(self, tasks: str | Iterable[str]) -> Iterator[None]:
+        """Route every token among the experts of `tasks` (names) alone, e.g. an old task's own experts."""
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not names:
+            raise ValueError(f"use_tasks: no task given; tasks: {self.tasks}")
+        blocks = tuple(sorted({self._task_index(name, "use_tasks") for name in names}))
+        with self._context_set("tasks", blocks):
+            yield
+
+    def _task_index(self, task: Any, where: str) -> int:
+        tasks = self.tasks
+        if isinstance(task, str) and task in tasks:
+            return tasks.index(task)
+        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(tasks):
+            return task
+        raise ValueError(
+            f"{where}: unknown task {task!r}: tasks are {tasks} (by name, or by index 0..{len(tasks) - 1})"
+        )
+
+    def _sample_tasks(self, task_ids: Any, batch: int | None) -> list[tuple[int, Tensor]]:
+        """`task_ids` checked and grouped: (task index, indices of its samples) per task present."""
+        if isinstance(task_ids, Tensor):
+            if task_ids.dim() != 1 or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
+                raise ValueError(
+                    f"task_ids: expected an integer tensor of shape (batch,), got {task_ids.dtype} of "
+                    f"shape {tuple(task_ids.shape)}"
+                )
+            task_ids = task_ids.tolist()
+        if not isinstance(task_ids, (list, tuple)) or not task_ids:
+            raise ValueError(
+                f"task_ids: expected one task per sample (a (batch,) integer tensor or a list of task "
+                f"names), got {task_ids!r}"
+            )
+        ids = [self._task_index(t, "task_ids") for t in task_ids]
+        if batch is not None and len(ids) != batch:
+            raise ValueError(f"task_ids: {len(ids)} tasks given for a batch of {batch} samples")
+        samples: dict[int, list[int]] = {}
+        for i, task in enumerate(ids):
+            samples.setdefault(task, []).append(i)
+        return [(task, torch.tensor(rows)) for task, rows in sorted(samples.items())]
+
     def reset_routing_stats(self) -> None:
         for _, layer in self.moe_layers():
             stats.reset(layer.router)
@@ -206,7 +317,8 @@ class MoEModel(nn.Module):
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing, once per optimizer step: b_i += u * sign(mean_j c_j - c_i).
 
-        c are the tokens each expert got since the last update, summed over data-parallel ranks.
+        c are the tokens each expert got since the last update, summed over data-parallel ranks; the
+        mean is over all experts, and only experts whose router rows train move.
         """
         rate = self.moe_config.bias_update_rate
         if rate <= 0:
@@ -214,7 +326,9 @@ class MoEModel(nn.Module):
         for _, layer in self.moe_layers():
             router = layer.router
             counts = stats.all_reduce_sum(router.step_counts)
-            router.expert_bias += rate * torch.sign(counts.mean() - counts).to(router.expert_bias.dtype)
+            step = (rate * torch.sign(counts.mean() - counts)).to(router.expert_bias.dtype)
+            # the bias of experts whose router rows are frozen (add_experts(freeze_existing=True)) stays
+            router.expert_bias += torch.where(router.trainable_experts(), step, torch.zeros_like(step))
             router.step_counts.zero_()
 
     @contextmanager
@@ -252,14 +366,16 @@ class MoEModel(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's `generate`; routing statistics skip the prompt's padding (left padding)."""
+    def generate(self, *args: Any, task_ids: Tensor | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate`; routing statistics skip the prompt's padding (left padding).
+        `task_ids` as in `forward` (one per sequence generated)."""
         mask = kwargs.get("attention_mask")
         self._ctx.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+        self._ctx.sample_tasks = None if task_ids is None else self._sample_tasks(task_ids, None)
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
-            self._ctx.token_mask = None
+            self._ctx.token_mask, self._ctx.sample_tasks = None, None
 
     # ---- saving ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:

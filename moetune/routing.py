@@ -131,7 +131,10 @@ class Router(nn.Module):
     """Linear router over E experts held as one weight block per task (so old rows can be frozen).
 
     Buffers: `expert_bias` (E,) for aux-loss-free balancing (saved with the adapter); running counts
-    for the bias update and the routing statistics (not saved).
+    for the bias update and the routing statistics (not saved), also per task (`task_counts`).
+    `forward(..., blocks=(0, 2))` routes among the experts of those task blocks alone: the logits of
+    the others are never computed (the same as masking them to -inf before the softmax), so the chosen
+    experts are numbered 0..E'-1 in block order, and k shrinks to E' when a task owns fewer experts.
     """
 
     # routers whose weights sum to 1 on every token, padding included (renormalised or dense softmax)
@@ -175,6 +178,32 @@ class Router(nn.Module):
         self.register_buffer(
             "token_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False
         )
+        # tokens per expert of the tokens routed for one task (task blocks x E), since the last reset
+        self.register_buffer("task_counts", counts.clone()[None], persistent=False)
+
+    def add_block(self, n: int) -> None:
+        """Append n experts for a new task: new router rows (N(0, 0.02^2)), zero bias, zero counts."""
+        old = self.weight_blocks[0]
+        self.weight_blocks.append(self._new_rows(n, old.shape[1], old.dtype, old.device))
+        for name in ("expert_bias", "step_counts", "load_counts"):
+            buf = getattr(self, name)
+            setattr(self, name, torch.cat([buf, buf.new_zeros(n)]))
+        grown = self.task_counts.new_zeros(self.task_counts.shape[0] + 1, self.num_experts)
+        grown[:-1, : self.task_counts.shape[1]] = self.task_counts
+        self.task_counts = grown
+
+    def block_ranges(self, blocks: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+        """(first expert, count) of each task block in `blocks` (None: all), in block order."""
+        starts = [0]
+        for w in self.weight_blocks:
+            starts.append(starts[-1] + w.shape[0])
+        chosen = range(len(self.weight_blocks)) if blocks is None else blocks
+        return [(starts[b], starts[b + 1] - starts[b]) for b in chosen]
+
+    def trainable_experts(self) -> Tensor:
+        """(E,) bool: the expert's router rows train (its bias may move at the optimizer step)."""
+        flags = [torch.full((w.shape[0],), w.requires_grad) for w in self.weight_blocks]
+        return torch.cat(flags).to(self.expert_bias.device)
 
     @staticmethod
     def _new_rows(n: int, d_in: int, dtype: torch.dtype, device: torch.device | None) -> nn.Parameter:
@@ -193,17 +222,26 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_experts={self.num_experts}, dtype={self.dtype}"
 
-    def forward(self, x_TD: Tensor, mask_T: Tensor, use_bias: bool = False) -> Routing:
+    def forward(
+        self, x_TD: Tensor, mask_T: Tensor, use_bias: bool = False, blocks: tuple[int, ...] | None = None
+    ) -> Routing:
+        """Route T tokens among the experts of the task `blocks` (None: every expert)."""
         x_TD = x_TD.to(self.dtype)
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise  # a new tensor: the caller's input is left untouched
-        logits_TE = F.linear(x_TD, self.weight.to(self.dtype))
+        weight_ED, bias_E = self.weight, self.expert_bias
+        if blocks is not None and len(blocks) < len(self.weight_blocks):
+            rows = [self.weight_blocks[b] for b in blocks]
+            weight_ED = rows[0] if len(rows) == 1 else torch.cat(rows)
+            bias_E = torch.cat([self.expert_bias[s : s + n] for s, n in self.block_ranges(blocks)])
+        E = weight_ED.shape[0]
+        logits_TE = F.linear(x_TD, weight_ED.to(self.dtype))
         probs_TE = logits_TE.softmax(-1)
-        scores_TE = probs_TE + self.expert_bias.to(self.dtype) if use_bias else probs_TE
+        scores_TE = probs_TE + bias_E.to(self.dtype) if use_bias else probs_TE
         tau_T1 = None
         if self.threshold is not None:
-            tau_max = self.threshold_max if self.threshold_max is not None else 1.0 / self.num_experts
+            tau_max = self.threshold_max if self.threshold_max is not None else 1.0 / E
             weight, bias = self.threshold.weight.to(self.dtype), self.threshold.bias.to(self.dtype)
             tau_T1 = tau_max * torch.sigmoid(F.linear(x_TD, weight, bias))
         idx, w, active = ROUTING_FUNCTIONS[self.kind](
@@ -211,7 +249,7 @@ class Router(nn.Module):
             scores_TE,
             logits=logits_TE,
             mask=mask_T,
-            top_k=self.top_k,
+            top_k=min(self.top_k, E),  # a task that owns fewer than k experts uses them all
             top_p=self.top_p,
             capacity_factor=self.capacity_factor,
             tau=tau_T1,

@@ -18,18 +18,34 @@ from moetune.routing import Router, Routing
 
 # The router buffers that hold this rank's running sums: all-reduced when read, never copied between
 # ranks (DDP's per-forward buffer broadcast would replace them with rank 0's, see MoEModel).
-PER_RANK_BUFFERS = ("step_counts", "load_counts", "entropy_sum", "token_count")
+PER_RANK_BUFFERS = ("step_counts", "load_counts", "entropy_sum", "token_count", "task_counts")
 
 
 @torch.no_grad()
-def accumulate_stats(router: Router, routing: Routing, mask_T: Tensor, count_step: bool) -> None:
+def accumulate_stats(
+    router: Router, routing: Routing, mask_T: Tensor, count_step: bool, blocks: tuple[int, ...] | None = None
+) -> None:
+    """Add one routing's counts; `blocks`: the task blocks it was restricted to (None: all experts).
+    Tokens routed for exactly one task also count in that task's row of `task_counts`."""
     counts_E = (routing.assignment() & mask_T[:, None]).sum(0).to(torch.float64)
+    if counts_E.numel() != router.num_experts:  # restricted: scatter to the experts' global indices
+        full_E = torch.zeros_like(router.load_counts)
+        for (start, n), local in zip(router.block_ranges(blocks), _starts(router, blocks), strict=True):
+            full_E[start : start + n] = counts_E[local : local + n]
+        counts_E = full_E
     router.load_counts += counts_E
     if count_step:
         router.step_counts += counts_E
+    if blocks is not None and len(blocks) == 1:
+        router.task_counts[blocks[0]] += counts_E
     p_NE = routing.probs[mask_T].to(torch.float64)
     router.entropy_sum += -(p_NE * p_NE.clamp_min(1e-300).log()).sum()
     router.token_count += mask_T.sum()
+
+
+def _starts(router: Router, blocks: tuple[int, ...] | None) -> list[int]:
+    sizes = [n for _, n in router.block_ranges(blocks)]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -60,8 +76,16 @@ def summarize(router: Router) -> dict[str, Any]:
     }
 
 
+def by_task(router: Router, tasks: list[str]) -> dict[str, list[int]]:
+    """Task name -> tokens per expert of the tokens routed for that task alone (tasks with none omitted)."""
+    counts = all_reduce_sum(router.task_counts)
+    return {
+        task: [int(c) for c in row.tolist()] for task, row in zip(tasks, counts, strict=True) if row.any()
+    }
+
+
 def reset(router: Router) -> None:
-    for buf in (router.load_counts, router.entropy_sum, router.token_count):
+    for buf in (router.load_counts, router.entropy_sum, router.token_count, router.task_counts):
         buf.zero_()
 
 

@@ -28,9 +28,10 @@ def randomize_(model: moetune.MoEModel, seed: int = 0, tie: bool = False) -> Non
             for p in [*module.lora_A, *module.lora_B]:
                 p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
     for _, layer in model.moe_layers():
-        w = layer.router.weight_blocks[0]
-        w.data = torch.randn(w.shape, generator=g, dtype=w.dtype)
+        for w in layer.router.weight_blocks:  # one block per task
+            w.data = torch.randn(w.shape, generator=g, dtype=w.dtype)
         if tie:
+            w = layer.router.weight_blocks[0]
             w.data[1] = w.data[0]
 
 
@@ -71,11 +72,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-@pytest.mark.parametrize("family,expert_type", CASES)
-def test_fast_equals_reference(family: str, expert_type: str, router: str) -> None:
-    base = tiny_model(family, dtype=torch.float64)
-    cfg = moetune.MoEConfig(
+def float64_model(family: str, expert_type: str, router: str, **overrides) -> moetune.MoEModel:
+    """A float64 model whose fast and reference paths must agree to rounding (small capacity: switch
+    overflows)."""
+    cfg = dict(
         expert_type=expert_type,
         router=router,
         num_experts=4,
@@ -88,10 +88,56 @@ def test_fast_equals_reference(family: str, expert_type: str, router: str) -> No
         importance_loss_coef=0.1,
         aux_loss_coef=0.0 if router == "soft" else 0.01,
     )
-    model = moetune.get_moe_model(base, cfg)
+    base = tiny_model(family, dtype=torch.float64)
+    return moetune.get_moe_model(base, moetune.MoEConfig(**cfg | overrides))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family,expert_type", CASES)
+def test_fast_equals_reference(family: str, expert_type: str, router: str) -> None:
+    model = float64_model(family, expert_type, router)
     randomize_(model, tie=router in ("topk", "topp"))
     batch = tiny_batch(family, batch=3, seq=9, padded=True)
     assert_paths_agree(model, batch)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family,expert_type", [("llama", "ffn"), ("gpt2", "linear")])
+def test_fast_equals_reference_with_two_task_blocks(family: str, expert_type: str, router: str) -> None:
+    """Two task blocks and a shared expert (stored after task A's experts in block 0): routing among
+    all experts, restricted to either task, and per-sample tasks in one batch."""
+    model = float64_model(family, expert_type, router, num_experts=3, num_shared_experts=1, task="A")
+    model.add_experts(2, task="B", freeze_existing=False)
+    randomize_(model, tie=router in ("topk", "topp"))
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    assert_paths_agree(model, batch)
+    for tasks in (["A"], ["B"]):
+        with model.use_tasks(tasks):
+            assert_paths_agree(model, batch)
+    assert_paths_agree(model, batch | {"task_ids": torch.tensor([1, 0, 1])})
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "switch"])
+def test_grouped_path_with_two_task_blocks(router: str) -> None:
+    pytest.importorskip("torch", minversion="2.8")
+    cfg = moetune.MoEConfig(
+        router=router, num_experts=4, r=4, lora_dropout=0.0, capacity_factor=0.5, num_shared_experts=1
+    )
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    model.add_experts(3, task="B", freeze_existing=False)
+    randomize_(model)
+    model.train()
+    model._ctx.dispatch = "grouped"
+    batch = tiny_batch("llama", batch=3, seq=9, padded=True)
+    for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
+        out, grads = run(model, batch | extra, reference=False)
+        ref_out, ref_grads = run(model, batch | extra, reference=True)
+        assert any(name.endswith("lora_B.1") for name in ref_grads) and grads.keys() == ref_grads.keys()
+        assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
+    with model.use_tasks("B"):
+        out, grads = run(model, batch, reference=False)
+        ref_out, ref_grads = run(model, batch, reference=True)
+    assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
 
 
 def _max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
