@@ -82,7 +82,8 @@ class MoEModel(nn.Module):
     ) -> Any:
         """The base model's forward with MoE layers. `task_ids`: the task of each sample, a (B,) integer
         tensor of task indices (positions in `tasks`) or a list of B task names; each sample then routes
-        among its task's experts alone (`use_tasks` is ignored for that forward)."""
+        among its task's experts alone (`use_tasks` is ignored for that forward), each task's samples
+        routed as a batch of their own (balance losses are averaged over routers and these groups)."""
         batch = next((v.shape[0] for v in (input_ids, inputs_embeds) if v is not None and v.dim() >= 2), None)
         sample_tasks = None if task_ids is None else self._sample_tasks(task_ids, batch)
         named = dict(
