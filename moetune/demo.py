@@ -49,7 +49,7 @@ PROMPTS = {
 }
 
 # Defaults sized to finish within 15 minutes on 2 CPU cores; the flags scale them up.
-DEFAULT_TRAIN_PER_TASK = 240
+DEFAULT_TRAIN_PER_TASK = 200
 DEFAULT_TEST_PER_TASK = 200
 DEFAULT_MOE = dict(
     num_experts=8,
