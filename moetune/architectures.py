@@ -20,7 +20,8 @@ class FFNSpec:
     in_projs: tuple[str, ...]  # applied to x; their outputs feed `hidden`
     out_proj: str
     act_attr: str
-    hidden: Callable[[Callable[[Tensor], Tensor], list[Tensor]], Tensor]  # (act, in-proj outputs) -> h
+    # (act, in-proj outputs, in_place) -> h; in_place: the outputs are fresh and may be overwritten
+    hidden: Callable[..., Tensor]
     post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
 
     @property
@@ -33,17 +34,17 @@ class FFNSpec:
         )
 
 
-def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
     gate, up = outs
-    return act(gate) * up
+    return act(gate).mul_(up) if in_place else act(gate) * up
 
 
-def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
     gate, up = outs[0].chunk(2, dim=-1)
-    return up * act(gate)
+    return act(gate).mul_(up) if in_place else up * act(gate)
 
 
-def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor]) -> Tensor:
+def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
     return act(outs[0])
 
 

@@ -296,18 +296,19 @@ class MoEFFN(RoutedLayer):
             else:
                 slot_outs.append(base_TF.unsqueeze(0).expand(K, T, -1))
         act = self._act()
-        h_KTF = self.spec.hidden(act, slot_outs)
+        # without autograd (inference) the slot tensors are fresh and used once: combine them in place
+        in_place = not torch.is_grad_enabled() and len(in_banks) == len(self.spec.in_projs)
+        h_KTF = self.spec.hidden(act, slot_outs, in_place=in_place)
         # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k; the h0 term is skipped where
         # the weights sum to 1 for every token (it would be rounding error times h0)
         w_KT1 = w_TK.T[..., None].to(h_KTF.dtype)
         if self.router.weights_sum_to_one and not self.num_shared:
             mixed_TF = h_KTF[0] * w_KT1[0]
         else:
-            mixed_TF = torch.addcmul(
-                self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0)), h_KTF[0], w_KT1[0]
-            )
+            mixed_TF = self.spec.hidden(act, base_outs) * (1 - w_KT1.sum(0))
+            mixed_TF.addcmul_(h_KTF[0], w_KT1[0])
         for k in range(1, K):
-            mixed_TF = torch.addcmul(mixed_TF, h_KTF[k], w_KT1[k])
+            mixed_TF.addcmul_(h_KTF[k], w_KT1[k])  # autograd-safe: addcmul keeps h and w, not mixed
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
         if self.spec.out_proj in banks:
             delta_TD = slots.out_delta(banks[self.spec.out_proj], self._dropout_slots(h_KTF))

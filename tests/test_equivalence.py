@@ -213,6 +213,24 @@ def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
     }
 
 
+@pytest.mark.parametrize("router", ["topk", "switch"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_fast_equals_reference_without_autograd(family: str, router: str) -> None:
+    """Under no_grad the slot tensors are combined in place; the result must not change."""
+    model = float64_model(family, "ffn", router)
+    randomize_(model)
+    model.eval()
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    with torch.no_grad():
+        fast = model(**batch).logits
+        with model.reference_path():
+            ref = model(**batch).logits
+    with torch.enable_grad():
+        with_grad = model(**batch).logits.detach()
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(fast, with_grad)
+
+
 def test_switch_overflow_really_happens() -> None:
     """The switch case above drops tokens: some real tokens keep only the base output."""
     base = tiny_model("llama", dtype=torch.float64)
