@@ -47,6 +47,17 @@ class RoutingContext:
     tasks: tuple[int, ...] | None = None  # `use_tasks`: the task blocks every token may use; None = all
     # `task_ids`: (task block, indices of its samples (n,)) per task present in the batch; None = not given
     sample_tasks: list[tuple[int, Tensor]] | None = None
+    # the state of the last MoEModel forward (its fields are cleared when it returns), for activation
+    # checkpointing, which re-runs parts of that forward inside backward
+    replay: RoutingContext | None = None
+
+    def recomputing(self) -> bool:
+        """True while autograd's backward re-runs a forward (activation checkpointing)."""
+        return self.replay is not None and torch._C._current_graph_task_id() != -1
+
+    def now(self) -> RoutingContext:
+        """The state to route with: the live one, or the replayed forward's during a recomputation."""
+        return self.replay if self.recomputing() else self
 
     def mask_for(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
         """(T,) bool mask for a layer input with leading shape `lead_shape`."""
@@ -145,8 +156,8 @@ class RoutedLayer(nn.Module):
     def _per_task_group(self, x_TD: Tensor, lead: torch.Size, run: Callable[..., Tensor]) -> Tensor:
         """run(x, mask, blocks) on each group of tokens routed alike (`RoutingContext.task_groups`);
         the results back in token order (T, ...)."""
-        mask_T = self.ctx.mask_for(lead, x_TD.device)
-        groups = self.ctx.task_groups(lead, x_TD.device)
+        ctx = self.ctx.now()
+        mask_T, groups = ctx.mask_for(lead, x_TD.device), ctx.task_groups(lead, x_TD.device)
         if len(groups) == 1:
             return run(x_TD, mask_T, groups[0][1])
         rows_T = torch.cat([rows for rows, _ in groups])
@@ -164,13 +175,15 @@ class RoutedLayer(nn.Module):
     ) -> tuple[Routing, Tensor]:
         """Route T tokens among the experts of `blocks`; `banks`: their expert views (contrastive loss)."""
         if mask_T is None:
-            mask_T = self.ctx.mask_for(lead_shape, x_TD.device)
+            mask_T = self.ctx.now().mask_for(lead_shape, x_TD.device)
         routing = self.router(x_TD, mask_T, use_bias=self.use_bias, blocks=blocks)
-        with torch.no_grad():
-            count = self.training and self.use_bias
-            accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks)
+        recomputing = self.ctx.recomputing()  # a checkpointed forward again: count nothing twice
+        if not recomputing:
+            with torch.no_grad():
+                count = self.training and self.use_bias
+                accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks)
         record = RouterRecord(self.layer_name, routing, mask_T)
-        if self.ctx.want_expert_outputs:
+        if self.ctx.now().want_expert_outputs:  # also when recomputing: the same graph, the same RNG use
             sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
             banks = self.banks(blocks) if banks is None else banks
             record.expert_outputs = self.all_expert_deltas(x_TD[sample], banks, routing.num_experts)
@@ -262,7 +275,7 @@ class MoEFFN(RoutedLayer):
         return {p: bank.view(pieces) for p, bank in self.experts.items()}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not self.ctx.adapter_enabled:
+        if not self.ctx.now().adapter_enabled:
             return self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         y = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._mixture)
@@ -396,7 +409,7 @@ class MoELinear(RoutedLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        if not self.ctx.adapter_enabled:
+        if not self.ctx.now().adapter_enabled:
             return y
         lead = x.shape[:-1]
         delta = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._delta)
@@ -438,7 +451,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        if not self.ctx.adapter_enabled:
+        if not self.ctx.now().adapter_enabled:
             return y
         x_TD = self.lora_dropout(x.reshape(-1, x.shape[-1]))
         delta = self.lora.expert(0, x_TD)
@@ -455,7 +468,7 @@ class TrainableCopy(nn.Module):
         self.trained.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
-        return (self.trained if self.ctx.adapter_enabled else self.original)(*args, **kwargs)
+        return (self.trained if self.ctx.now().adapter_enabled else self.original)(*args, **kwargs)
 
 
 def _adapter_dtype(base_weight: Tensor) -> torch.dtype:

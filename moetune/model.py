@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -106,6 +107,7 @@ class MoEModel(nn.Module):
         cfg = self.moe_config
         ctx.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and ctx.adapter_enabled
         ctx.sample_tasks = sample_tasks
+        ctx.replay = dataclasses.replace(ctx, records=None, replay=None)  # for checkpointed recomputation
         try:
             out = self.base_model(**inputs)
             records = ctx.records

@@ -1,0 +1,65 @@
+"""Activation checkpointing (transformers' gradient_checkpointing_enable) re-runs each layer's forward
+inside backward: the recomputation must route like the first pass and count nothing twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetune
+
+try:
+    from tests.test_equivalence import randomize_
+    from tests.tiny_models import tiny_batch, tiny_model
+except ImportError:  # pragma: no cover
+    from test_equivalence import randomize_
+    from tiny_models import tiny_batch, tiny_model
+
+
+def _step(checkpointing: bool, router: str, contrastive: float) -> dict:
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    cfg = moetune.MoEConfig(
+        router=router,
+        num_experts=4,
+        lora_dropout=0.1,  # dropout and jitter draw random numbers: the recomputation must replay them
+        router_jitter=0.05,
+        attn_r=4,
+        bias_update_rate=0.01,
+        importance_loss_coef=0.1,
+        contrastive_loss_coef=contrastive,
+        capacity_factor=1.0,
+    )
+    model = moetune.get_moe_model(base, cfg)
+    randomize_(model)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.manual_seed(1)
+    out = model(**tiny_batch("llama", batch=3, seq=9, padded=True))
+    out.loss.backward()
+    stats = model.routing_stats()
+    return {
+        "loss": out.loss.detach(),
+        "aux": {k: v.detach() for k, v in model.aux_losses().items()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "tokens": {name: s["tokens_per_expert"] for name, s in stats.items()},
+        "step_counts": [layer.router.step_counts.clone() for _, layer in model.moe_layers()],
+    }
+
+
+@pytest.mark.parametrize("router,contrastive", [("topk", 0.0), ("switch", 0.0), ("topk", 0.1)])
+def test_non_reentrant_checkpointing_changes_nothing(router: str, contrastive: float) -> None:
+    plain, ckpt = _step(False, router, contrastive), _step(True, router, contrastive)
+    torch.testing.assert_close(ckpt["loss"], plain["loss"], rtol=1e-6, atol=1e-7)
+    assert ckpt["aux"].keys() == plain["aux"].keys()
+    for name in plain["aux"]:
+        torch.testing.assert_close(ckpt["aux"][name], plain["aux"][name], rtol=1e-6, atol=1e-7)
+    assert ckpt["grads"].keys() == plain["grads"].keys()
+    assert any("router" in n for n in plain["grads"])
+    for name in plain["grads"]:
+        torch.testing.assert_close(ckpt["grads"][name], plain["grads"][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert ckpt["tokens"] == plain["tokens"]  # statistics counted once
+    for a, b in zip(ckpt["step_counts"], plain["step_counts"], strict=True):
+        assert torch.equal(a, b)  # bias token counts once
+    assert sum(sum(t) for t in plain["tokens"].values()) > 0
