@@ -53,11 +53,18 @@ def base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from walk(model.base_model if hasattr(model, "moe_config") else model, "")
 
 
+def unshard(tensor: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2-sharded parameter (a DTensor; gathering it is a collective that every
+    rank must call in the same order), any other tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)  # torch.distributed.tensor.DTensor
+    return full() if callable(full) else tensor
+
+
 def fingerprint(model: nn.Module) -> str:
     """`sha256:<hex>` of the base parameters' names, dtypes, shapes and sampled values (module docstring)."""
     digest = hashlib.sha256()
     for name, p in sorted(base_parameters(model), key=lambda item: item[0]):
-        t = p.detach()
+        t = unshard(p.detach())
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         n = t.numel()
         if n == 0 or t.device.type == "meta":

@@ -50,12 +50,14 @@ class AdapterError(ValueError):
 
 
 def adapter_state_dict(model: MoEModel) -> dict[str, Tensor]:
-    """Every tensor moetune added (experts, routers, their bias, LoRA, trained copies), by full name."""
+    """Every tensor moetune added (experts, routers, their bias, LoRA, trained copies), by full name.
+
+    Under FSDP2 the sharded tensors are gathered whole: a collective, so every rank must call it."""
     state = {}
     for name, module in model.adapter_modules():
         for key, tensor in module.state_dict().items():
             if not key.startswith(BASE_PREFIXES) and ".base_layer." not in key:
-                state[f"{name}.{key}"] = tensor
+                state[f"{name}.{key}"] = provenance.unshard(tensor)
     return state
 
 

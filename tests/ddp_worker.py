@@ -2,6 +2,7 @@
 
     python tests/ddp_worker.py OUT SPEC [SPEC ...]                         # one process
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_worker.py OUT SPEC ...
+    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_worker.py --fsdp OUT SPEC ...
 
 SPEC is `case:per_device_batch:grad_accum:log_steps` with `case` a key of CASES and log_steps 0 for
 no step logs. Each rank writes `OUT/<case>-b<per_device_batch>-ga<grad_accum>-log<log_steps>/rank<r>/`:
@@ -11,6 +12,11 @@ optimizer steps, the step logs and the all-reduced routing statistics since the 
 Everything that could differ between ranks or between world sizes is fixed: the adapter is
 initialised from one seed, dropout and router jitter are 0 (no per-rank randomness), and the data
 order is sequential (see `train`).
+
+`--fsdp` shards the model with FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per decoder layer
+and one at the root) and trains it in a plain loop (`train_fsdp`) with the Trainer's arithmetic: the
+Trainer's `fsdp` option does not shard on CPU (accelerate 1.15 keeps the FSDP plugin only for
+accelerator devices; on CPU it silently falls back to DDP), so it cannot test FSDP here.
 """
 
 from __future__ import annotations
@@ -106,12 +112,63 @@ def train(out: Path, case: str, per_device: int, grad_accum: int, log_steps: int
     (target / "run.json").write_text(json.dumps(run))
 
 
+def train_fsdp(out: Path, case: str, per_device: int, grad_accum: int, log_steps: int) -> None:
+    """FSDP2 in a plain loop: what `train` does with the Trainer (sequential rows, SGD, constant lr).
+
+    Rank r of W takes the same rows as under the Trainer (per-device batches round-robin). The loss is
+    the token sum of the rank's rows over the global token count, times W: FSDP's reduce-scatter
+    averages the gradients, so the update is that of the global batch's token mean (the Trainer does
+    the same with `average_tokens_across_devices`). Only `grad_accum=1` and no logs.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    assert grad_accum == 1 and log_steps == 0, "the FSDP loop has no accumulation and no logs"
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1)
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**CASES[case]))
+    target = out / f"rank{rank}"
+    model.save_pretrained(target / "init")
+    for layer in model.base_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    data = dataset()
+    step_rows = per_device * world
+    steps = len(data) // step_rows
+    for step in range(steps):
+        rows = range(step * step_rows, (step + 1) * step_rows)
+        batch = {k: torch.tensor(data[list(rows)][k]) for k in ("input_ids", "attention_mask", "labels")}
+        global_tokens = int((batch["labels"][:, 1:] != -100).sum())  # causal LM: labels shifted by one
+        mine = {k: v[rank * per_device : (rank + 1) * per_device] for k, v in batch.items()}
+        output = model(**mine, num_items_in_batch=torch.tensor(global_tokens))
+        (output.loss * world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trained)
+    model.save_pretrained(target)  # gathers the sharded adapter tensors: a collective on every rank
+    run = {
+        "world_size": world,
+        "steps": steps,
+        "logs": [],
+        "routing": model.routing_stats(),
+        "class": type(model).__name__,  # FSDPMoEModel: fully_shard swaps the class, no wrapper module
+        "local_fraction": local / sum(p.numel() for p in trained),  # of the trained elements on this rank
+    }
+    (target / "run.json").write_text(json.dumps(run))
+
+
 def main(argv: list[str]) -> None:
-    out, specs = Path(argv[0]), argv[1:]
+    fsdp = argv[0] == "--fsdp"
+    out, specs = Path(argv[int(fsdp)]), argv[int(fsdp) + 1 :]
     for spec in specs:
         case, per_device, grad_accum, log_steps = spec.split(":")
         run_dir = out / f"{case}-b{per_device}-ga{grad_accum}-log{log_steps}"
-        train(run_dir, case, int(per_device), int(grad_accum), int(log_steps))
+        (train_fsdp if fsdp else train)(run_dir, case, int(per_device), int(grad_accum), int(log_steps))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
