@@ -115,6 +115,7 @@ class MoEModel(nn.Module):
             ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
             ctx.sample_tasks = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
+            self._check_graph(records)
             self.nonfinite = None
             per_router = self._balance_losses(records)
             self._check_finite(records, per_router)
@@ -126,6 +127,27 @@ class MoEModel(nn.Module):
             ):
                 out.loss = out.loss + self.weighted_aux_loss()
         return out
+
+    def _check_graph(self, records: list[RouterRecord]) -> None:
+        """Reentrant activation checkpointing runs the first forward without autograd: the balance losses
+        would silently lose their gradient. Refuse it rather than train the routers wrongly."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        routers = [layer.router for _, layer in self.moe_layers()]
+        routers_train = any(p.requires_grad for router in routers for p in router.parameters())
+        detached = [r.name for r in records if not r.routing.logits.requires_grad]
+        if routers_train and detached:
+            raise RuntimeError(
+                f"router logits of {detached[0]} carry no gradient in a training forward: reentrant "
+                "activation checkpointing? Use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}) (the default of MoEModel.gradient_checkpointing_enable)"
+            )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' activation checkpointing, non-reentrant unless asked otherwise (the reentrant
+        variant runs the first forward without autograd, which the balance losses cannot use)."""
+        kwargs = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
         """Each loss per router: name -> (R,) in the order of `records` (averaged over routers, SPEC §3)."""
