@@ -97,6 +97,7 @@ class RouterRecord:
     mask: Tensor  # (T,) bool
     expert_outputs: Tensor | None = None  # (S, E, D) every expert's delta on S sampled tokens
     sample_active: Tensor | None = None  # (S, E) bool
+    grad_enabled: bool = True  # autograd was on when routing (off: reentrant activation checkpointing)
 
 
 class RoutedLayer(nn.Module):
@@ -182,7 +183,7 @@ class RoutedLayer(nn.Module):
             with torch.no_grad():
                 count = self.training and self.use_bias
                 accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks)
-        record = RouterRecord(self.layer_name, routing, mask_T)
+        record = RouterRecord(self.layer_name, routing, mask_T, grad_enabled=torch.is_grad_enabled())
         if self.ctx.now().want_expert_outputs:  # also when recomputing: the same graph, the same RNG use
             sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
             banks = self.banks(blocks) if banks is None else banks

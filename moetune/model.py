@@ -135,10 +135,10 @@ class MoEModel(nn.Module):
             return
         routers = [layer.router for _, layer in self.moe_layers()]
         routers_train = any(p.requires_grad for router in routers for p in router.parameters())
-        detached = [r.name for r in records if not r.routing.logits.requires_grad]
+        detached = [r.name for r in records if not r.grad_enabled]
         if routers_train and detached:
             raise RuntimeError(
-                f"router logits of {detached[0]} carry no gradient in a training forward: reentrant "
+                f"{detached[0]} routed without autograd in a training forward: reentrant "
                 "activation checkpointing? Use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                 "{'use_reentrant': False}) (the default of MoEModel.gradient_checkpointing_enable)"
             )
