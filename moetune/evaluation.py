@@ -7,6 +7,7 @@ match of a greedy answer. Intervals are Wilson score intervals at 95%.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,12 +58,13 @@ def option_logprobs_batch(
     if W > 1:  # the options' later tokens, K rows per prompt
         opt_ids = torch.tensor([r + [pad] * (W - len(r)) for r in option_rows]).repeat(B, 1)  # (B*K, W)
         opt_mask = torch.tensor([[1] * len(r) + [0] * (W - len(r)) for r in option_rows]).repeat(B, 1)
-        cache = out.past_key_values
+        cache_name = _cache_argument(model)
+        cache = getattr(out, cache_name)
         cache.batch_repeat_interleave(K)
         full_mask = torch.cat([mask.repeat_interleave(K, 0), opt_mask], 1)
         opt_pos = mask.sum(-1).repeat_interleave(K)[:, None] + torch.arange(W)
         logp = (
-            model(input_ids=opt_ids, attention_mask=full_mask, position_ids=opt_pos, past_key_values=cache)
+            model(input_ids=opt_ids, attention_mask=full_mask, position_ids=opt_pos, **{cache_name: cache})
             .logits.float()
             .log_softmax(-1)
         )  # (B*K, W, V)
@@ -70,6 +72,12 @@ def option_logprobs_batch(
             for k, r in enumerate(option_rows):
                 scores[b][k] += sum(float(logp[b * K + k, t - 1, r[t]]) for t in range(1, len(r)))
     return scores
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The KV cache's name in forward and outputs: `cache` (transformers >= 5.x) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def option_logprobs(model: nn.Module, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
