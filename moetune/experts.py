@@ -230,31 +230,25 @@ class DenseSlots:
 class GroupedSlots:
     """`ffn` slots sorted by expert once; one grouped GEMM per expert projection (work independent of E)."""
 
-    def __init__(self, in_banks: dict[str, LoRAExperts], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> None:
+    def __init__(
+        self, in_banks: dict[str, LoRAExperts], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, num_experts: int
+    ) -> None:
         self.T, self.K = idx_TK.shape
         self.w_TK = w_TK
-        self.groups: SlotGroups | None = None
-        self.idx_TK = idx_TK
+        self.groups = SlotGroups.build(idx_TK, num_experts)  # every bank of a layer has the same experts
         if in_banks:  # x A of every input projection in one grouped GEMM: (S, sum r)
             banks = list(in_banks.values())
-            groups = self._groups(banks[0])
-            xs_SD = xd_TD.to(banks[0].dtype).index_select(0, groups.token)
-            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), groups) * banks[0].scaling
+            xs_SD = xd_TD.to(banks[0].dtype).index_select(0, self.groups.token)
+            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), self.groups) * banks[0].scaling
             self.xA = dict(zip(in_banks, xA_SM.split([b.r for b in banks], 1), strict=True))
 
-    def _groups(self, bank: LoRAExperts) -> SlotGroups:
-        if self.groups is None:  # every bank of a layer has the same experts
-            self.groups = SlotGroups.build(self.idx_TK, bank.num_experts)
-        return self.groups
-
     def add_delta(self, name: str, bank: LoRAExperts, base_TF: Tensor) -> Tensor:
-        groups = self._groups(bank)
-        delta_SF = grouped_mm(self.xA[name], bank.B_T(), groups)
-        delta_KTF = delta_SF.index_select(0, groups.inverse).view(self.K, self.T, -1)
+        delta_SF = grouped_mm(self.xA[name], bank.B_T(), self.groups)
+        delta_KTF = delta_SF.index_select(0, self.groups.inverse).view(self.K, self.T, -1)
         return base_TF.unsqueeze(0) + delta_KTF.to(base_TF.dtype)
 
     def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
-        groups = self._groups(bank)
+        groups = self.groups
         h_SF = h_KTF.reshape(self.K * self.T, -1).index_select(0, groups.order).to(bank.dtype)
         gate_S1 = (self.w_TK.T.reshape(-1)[groups.order] * bank.scaling)[:, None].to(bank.dtype)
         delta_SD = grouped_mm(grouped_mm(h_SF, bank.A_T(), groups) * gate_S1, bank.B_T(), groups)

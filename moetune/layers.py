@@ -299,8 +299,11 @@ class MoEFFN(RoutedLayer):
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         T, K = idx_TK.shape
         in_banks = {p: banks[p] for p in self.spec.in_projs if p in banks}
-        grouped = self.uses_grouped(banks)
-        slots = (GroupedSlots if grouped else DenseSlots)(in_banks, xd_TD, idx_TK, w_TK)
+        if self.uses_grouped(banks):
+            num_experts = next(iter(banks.values())).num_experts
+            slots = GroupedSlots(in_banks, xd_TD, idx_TK, w_TK, num_experts)
+        else:
+            slots = DenseSlots(in_banks, xd_TD, idx_TK, w_TK)
         base_outs, slot_outs = [], []
         for p in self.spec.in_projs:
             base_TF = self._proj(p)(x_TD)

@@ -131,12 +131,11 @@ class MoEModel(nn.Module):
     def _check_graph(self, records: list[RouterRecord]) -> None:
         """Reentrant activation checkpointing runs the first forward without autograd: the balance losses
         would silently lose their gradient. Refuse it rather than train the routers wrongly."""
-        if not (self.training and torch.is_grad_enabled()):
+        detached = [r.name for r in records if not r.grad_enabled]
+        if not (detached and self.training and torch.is_grad_enabled()):
             return
         routers = [layer.router for _, layer in self.moe_layers()]
-        routers_train = any(p.requires_grad for router in routers for p in router.parameters())
-        detached = [r.name for r in records if not r.grad_enabled]
-        if routers_train and detached:
+        if any(p.requires_grad for router in routers for p in router.parameters()):
             raise RuntimeError(
                 f"{detached[0]} routed without autograd in a training forward: reentrant "
                 "activation checkpointing? Use gradient_checkpointing_enable(gradient_checkpointing_kwargs="

@@ -62,6 +62,17 @@ def _run_dir(spec: str) -> str:
     return f"{case}-b{per_device}-ga{grad_accum}-log{log_steps}"
 
 
+DIST_ENV_PREFIXES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_",
+    "TORCHELASTIC_",
+    "ACCELERATE_",
+)
+
+
 def _torchrun(worker_args: list[str]) -> None:
     """`ddp_worker.py` under torchrun, 2 processes, in a clean environment (no rank variables inherited
     from the test process). One retry when a rank dies in C++ shutdown ("terminate called without an
@@ -76,17 +87,6 @@ def _torchrun(worker_args: list[str]) -> None:
             break
         print(f"torchrun attempt {attempt + 1}: a rank aborted in shutdown; retrying", file=sys.stderr)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-
-
-DIST_ENV_PREFIXES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_",
-    "TORCHELASTIC_",
-    "ACCELERATE_",
-)
 
 
 @pytest.fixture(scope="module")
