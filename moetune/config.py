@@ -104,6 +104,12 @@ class MoEConfig:
         [], "Extra modules trained in full and saved with the adapter (e.g. a classification head)."
     )
     task: str = _f("default", "The task that owns the experts created at injection.")
+    extra_tasks: list[str] = _f(
+        [],
+        "More tasks, owning no experts of their own: they route among all experts. With task_routing "
+        "(MOELoRA-style multi-task training) every task has its own learned embedding; task_ids and "
+        "use_tasks name them like any task.",
+    )
     added_experts: list[dict[str, Any]] = _f(
         [],
         "Expert blocks appended by MoEModel.add_experts, in order, as {'task', 'num_experts', "
@@ -111,8 +117,9 @@ class MoEConfig:
     )
     task_routing: str = _f(
         "none",
-        "'none'; 'task' (MOELoRA: the gate sees only a learned task embedding); 'token+task' (a task "
-        "embedding is added to the router input).",
+        "'none'; 'task' (MOELoRA: the gate sees only a learned task embedding, a fixed mixture per "
+        "task); 'token+task' (the task's embedding is added to the router input). Both need the task "
+        "of every sample: task_ids in the forward, or use_tasks with one task.",
     )
     skip_nonfinite: bool = _f(
         False,
@@ -198,8 +205,12 @@ class MoEConfig:
         return self.num_experts[layer]
 
     def task_names(self) -> list[str]:
-        """Every task that owns experts, in order of creation (task index = position)."""
-        return [self.task, *(block["task"] for block in self.added_experts)]
+        """Every task: `task`, `extra_tasks`, then those of `added_experts` (task index = position)."""
+        return [self.task, *self.extra_tasks, *(block["task"] for block in self.added_experts)]
+
+    def task_blocks(self) -> list[int | None]:
+        """Per task (as `task_names`): the expert block it owns, or None for a task that owns none."""
+        return [0, *(None for _ in self.extra_tasks), *range(1, len(self.added_experts) + 1)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,6 +285,14 @@ def _check_tasks(config: MoEConfig) -> None:
     if not isinstance(config.added_experts, list):
         raise ValueError(f"added_experts={short_repr(config.added_experts)}: must be a list of blocks")
     seen = [config.task]
+    if not isinstance(config.extra_tasks, list):
+        raise ValueError(f"extra_tasks={short_repr(config.extra_tasks)}: must be a list of task names")
+    for i, task in enumerate(config.extra_tasks):
+        if not isinstance(task, str) or not task or task in seen:
+            raise ValueError(
+                f"extra_tasks[{i}]={short_repr(task)}: must be a new non-empty name (tasks before: {seen})"
+            )
+        seen.append(task)
     for i, block in enumerate(config.added_experts):
         if not isinstance(block, dict) or sorted(block) != sorted(_BLOCK_KEYS):
             raise ValueError(

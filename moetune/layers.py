@@ -45,8 +45,9 @@ class RoutingContext:
     contrastive_sample: int = 256
     records: list | None = None  # filled during a MoEModel forward only (not during generate)
     tasks: tuple[int, ...] | None = None  # `use_tasks`: the task blocks every token may use; None = all
-    # `task_ids`: (task block, indices of its samples (n,)) per task present in the batch; None = not given
-    sample_tasks: list[tuple[int, Tensor]] | None = None
+    task: int | None = None  # `use_tasks` with one task: its index (task routing, per-task statistics)
+    # `task_ids`: (task blocks, task index, indices of its samples (n,)) per task present in the batch
+    sample_tasks: list[tuple[Blocks, int, Tensor]] | None = None
     # the state of the last MoEModel forward (its fields are cleared when it returns), for activation
     # checkpointing, which re-runs parts of that forward inside backward
     replay: RoutingContext | None = None
@@ -70,14 +71,17 @@ class RoutingContext:
             return m.reshape(T).to(device)
         return torch.ones(T, dtype=torch.bool, device=device)
 
-    def task_groups(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[Tensor | None, Blocks]]:
-        """The tokens that route alike, as (token rows (n,) or None for all, task blocks or None for all)."""
+    def task_groups(
+        self, lead_shape: torch.Size, device: torch.device
+    ) -> list[tuple[Tensor | None, Blocks, int | None]]:
+        """The tokens that route alike, as (token rows (n,) or None for all, task blocks or None for all,
+        task index or None)."""
         groups = self.sample_tasks
         if groups is None:
-            return [(None, self.tasks)]
+            return [(None, self.tasks, self.task)]
         if len(groups) == 1:
-            return [(None, (groups[0][0],))]
-        samples = sum(len(rows) for _, rows in groups)
+            return [(None, groups[0][0], groups[0][1])]
+        samples = sum(len(rows) for _, _, rows in groups)
         if len(lead_shape) != 2 or lead_shape[0] != samples:
             raise ValueError(
                 f"task_ids gives a task for {samples} samples, but an MoE layer sees inputs of shape "
@@ -85,7 +89,10 @@ class RoutingContext:
             )
         S = lead_shape[1]
         steps = torch.arange(S, device=device)
-        return [((rows.to(device)[:, None] * S + steps).reshape(-1), (task,)) for task, rows in groups]
+        return [
+            ((rows.to(device)[:, None] * S + steps).reshape(-1), blocks, task)
+            for blocks, task, rows in groups
+        ]
 
 
 @dataclass
@@ -126,6 +133,8 @@ class RoutedLayer(nn.Module):
             threshold_max=cfg.threshold_max,
             router_dtype=cfg.router_dtype,
             jitter=cfg.router_jitter,
+            task_routing=cfg.task_routing,
+            num_tasks=1 + len(cfg.extra_tasks),
             device=device,
         )
         self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
@@ -155,14 +164,14 @@ class RoutedLayer(nn.Module):
         return out
 
     def _per_task_group(self, x_TD: Tensor, lead: torch.Size, run: Callable[..., Tensor]) -> Tensor:
-        """run(x, mask, blocks) on each group of tokens routed alike (`RoutingContext.task_groups`);
+        """run(x, mask, blocks, task) on each group of tokens routed alike (`RoutingContext.task_groups`);
         the results back in token order (T, ...)."""
         ctx = self.ctx.now()
         mask_T, groups = ctx.mask_for(lead, x_TD.device), ctx.task_groups(lead, x_TD.device)
         if len(groups) == 1:
-            return run(x_TD, mask_T, groups[0][1])
-        rows_T = torch.cat([rows for rows, _ in groups])
-        parts = torch.cat([run(x_TD[rows], mask_T[rows], blocks) for rows, blocks in groups])
+            return run(x_TD, mask_T, *groups[0][1:])
+        rows_T = torch.cat([rows for rows, _, _ in groups])
+        parts = torch.cat([run(x_TD[rows], mask_T[rows], blocks, task) for rows, blocks, task in groups])
         return parts.new_empty(parts.shape).index_copy(0, rows_T, parts)
 
     # ---- routing ---------------------------------------------------------------------------------
@@ -173,16 +182,18 @@ class RoutedLayer(nn.Module):
         mask_T: Tensor | None = None,
         blocks: Blocks = None,
         banks: Any = None,
+        task: int | None = None,
     ) -> tuple[Routing, Tensor]:
-        """Route T tokens among the experts of `blocks`; `banks`: their expert views (contrastive loss)."""
+        """Route T tokens of task `task` among the experts of `blocks`; `banks`: their expert views
+        (contrastive loss)."""
         if mask_T is None:
             mask_T = self.ctx.now().mask_for(lead_shape, x_TD.device)
-        routing = self.router(x_TD, mask_T, use_bias=self.use_bias, blocks=blocks)
+        routing = self.router(x_TD, mask_T, use_bias=self.use_bias, blocks=blocks, task=task)
         recomputing = self.ctx.recomputing()  # a checkpointed forward again: count nothing twice
         if not recomputing:
             with torch.no_grad():
                 count = self.training and self.use_bias
-                accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks)
+                accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks, task=task)
         record = RouterRecord(self.layer_name, routing, mask_T, grad_enabled=torch.is_grad_enabled())
         if self.ctx.now().want_expert_outputs:  # also when recomputing: the same graph, the same RNG use
             sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
@@ -282,10 +293,10 @@ class MoEFFN(RoutedLayer):
         y = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._mixture)
         return self._post(y).view(*lead, -1)
 
-    def _mixture(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks) -> Tensor:
+    def _mixture(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks, task: int | None) -> Tensor:
         """FFN(x) + sum_i g_i (FFN_i(x) - FFN(x)) with experts of `blocks`, before the post dropout."""
         banks = self.banks(blocks)
-        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, banks)
+        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, banks, task)
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
         if self.ctx.reference:
             return self._reference(x_TD, idx_TK, w_TK, banks)
@@ -419,10 +430,10 @@ class MoELinear(RoutedLayer):
         delta = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._delta)
         return y + delta.view(*lead, -1).to(y.dtype)
 
-    def _delta(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks) -> Tensor:
+    def _delta(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks, task: int | None) -> Tensor:
         """sum_i g_i s B_i A_i x over the experts of `blocks`  -> (T, d_out)."""
         bank = self.banks(blocks)
-        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, bank)
+        routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, bank, task)
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
         xd_TD = self.lora_dropout(x_TD)
         T, N = x_TD.shape[0], bank.num_experts

@@ -34,10 +34,12 @@ class MoEModel(nn.Module):
     experts unless restricted: `with use_tasks(["A"]):` for every token, or `task_ids` per sample
     (`forward(..., task_ids=...)`, also `generate`). Restricted tokens route among the owners' experts
     alone (the other logits never enter the softmax: the owners' probabilities are those before the
-    expansion), with k shrunk to the experts the tasks own. Shared experts and attention LoRA serve
-    every task. Guarantee: after `add_experts(..., freeze_existing=True)` and any training,
-    `use_tasks([old])` gives the old task's outputs as before the expansion (the old experts are
-    computed from their own blocks, on the same shapes; tested to 1e-6 in float32).
+    expansion), with k shrunk to the experts the tasks own; tasks that own no experts (`extra_tasks`)
+    route among all of them. Shared experts and attention LoRA serve every task. With `task_routing`
+    the routers also read the task's learned embedding (so every token needs a task).
+    Guarantee: after `add_experts(..., freeze_existing=True)` and any training, `use_tasks([old])` gives
+    the old task's outputs as before the expansion (the old experts are computed from their own blocks,
+    on the same shapes; tested bitwise in float32).
     """
 
     def __init__(self, model: nn.Module, config: MoEConfig) -> None:
@@ -50,11 +52,6 @@ class MoEModel(nn.Module):
         self.nonfinite: str | None = None
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
         self.balance_losses_in_output = True
-        if config.task_routing != "none":
-            raise NotImplementedError(
-                f"task_routing={config.task_routing!r} is not built yet: use 'none' (task-restricted "
-                "routing through use_tasks / task_ids works with it)"
-            )
         inject(model, config, self._ctx)
         for block in config.added_experts:  # an expanded adapter: the same blocks, frozen as they were
             self._append_block(block["num_experts"], block["freeze_existing"])
@@ -274,7 +271,7 @@ class MoEModel(nn.Module):
             raise ValueError(f"add_experts: task={task!r}: must be a non-empty task name")
         if task in self.tasks:
             raise ValueError(
-                f"add_experts: task {task!r} already owns experts (tasks: {self.tasks}): name a new task"
+                f"add_experts: task {task!r} exists already (tasks: {self.tasks}): name a new task"
             )
         if not isinstance(freeze_existing, bool):
             raise ValueError(f"add_experts: freeze_existing={freeze_existing!r}: must be True or False")
@@ -293,13 +290,29 @@ class MoEModel(nn.Module):
 
     @contextmanager
     def use_tasks(self, tasks: str | Iterable[str]) -> Iterator[None]:
-        """Route every token among the experts of `tasks` (names) alone, e.g. an old task's own experts."""
+        """Route every token among the experts of `tasks` (names) alone, e.g. an old task's own experts.
+        A task that owns no experts (`extra_tasks`) routes among all of them. With task routing, name one
+        task: the routers read its embedding."""
         names = [tasks] if isinstance(tasks, str) else list(tasks)
         if not names:
             raise ValueError(f"use_tasks: no task given; tasks: {self.tasks}")
-        blocks = tuple(sorted({self._task_index(name, "use_tasks") for name in names}))
-        with self._context_set("tasks", blocks):
+        indices = sorted({self._task_index(name, "use_tasks") for name in names})
+        if self.moe_config.task_routing != "none" and len(indices) > 1:
+            raise ValueError(
+                f"use_tasks: {names} names {len(indices)} tasks, but task_routing="
+                f"{self.moe_config.task_routing!r} routes by the embedding of one task: name one"
+            )
+        with (
+            self._context_set("tasks", self._blocks_of(indices)),
+            self._context_set("task", indices[0] if len(indices) == 1 else None),
+        ):
             yield
+
+    def _blocks_of(self, task_indices: Iterable[int]) -> tuple[int, ...] | None:
+        """The expert blocks tasks may route among: their own, or all (None) if one of them owns none."""
+        owned = self.moe_config.task_blocks()
+        blocks = [owned[t] for t in task_indices]
+        return None if None in blocks else tuple(sorted(set(blocks)))
 
     def _task_index(self, task: Any, where: str) -> int:
         tasks = self.tasks
@@ -311,8 +324,10 @@ class MoEModel(nn.Module):
             f"{where}: unknown task {task!r}: tasks are {tasks} (by name, or by index 0..{len(tasks) - 1})"
         )
 
-    def _sample_tasks(self, task_ids: Any, batch: int | None) -> list[tuple[int, Tensor]]:
-        """`task_ids` checked and grouped: (task index, indices of its samples) per task present."""
+    def _sample_tasks(
+        self, task_ids: Any, batch: int | None
+    ) -> list[tuple[tuple[int, ...] | None, int, Tensor]]:
+        """`task_ids` checked and grouped: (expert blocks, task index, indices of its samples) per task."""
         if isinstance(task_ids, Tensor):
             if task_ids.dim() != 1 or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
                 raise ValueError(
@@ -331,7 +346,7 @@ class MoEModel(nn.Module):
         samples: dict[int, list[int]] = {}
         for i, task in enumerate(ids):
             samples.setdefault(task, []).append(i)
-        return [(task, torch.tensor(rows)) for task, rows in sorted(samples.items())]
+        return [(self._blocks_of([task]), task, torch.tensor(rows)) for task, rows in sorted(samples.items())]
 
     def reset_routing_stats(self) -> None:
         for _, layer in self.moe_layers():
@@ -378,6 +393,14 @@ class MoEModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    def merge_and_unload(self, task: str | Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapter into the base weights and return the plain base model (peft's name), where
+        every layer's mixture is the same for every token (`task`: as under `use_tasks(task)`); otherwise
+        a `moetune.merge.MergeError` naming the layer, the model unchanged. See `moetune.merge`."""
+        from moetune.merge import merge_and_unload
+
+        return merge_and_unload(self, task)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = {id(p): p for p in self.parameters()}.values()  # tied weights count once

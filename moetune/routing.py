@@ -16,6 +16,11 @@ flag per slot, shape (T, K)):
   threshold  AdaMoLE (Liu & Luo 2024): tau = tau_max * sigmoid(w_t . x + b_t) per token; experts with
              p >= tau are active with weights (p - tau) / sum(p - tau).
 With aux-loss-free balancing (DeepSeek-V3, Wang et al. 2024) selection uses p + b and weights use p.
+
+Task routing (`task_routing`): every task has a learned embedding e_task (d_in,) per router.
+  task        the router sees e_task alone (MOELoRA, Liu et al. 2023): a fixed mixture per task,
+              whatever the token. Embeddings start N(0, 1), so tasks start from different mixtures.
+  token+task  the router sees x + e_task. Embeddings start at 0: routing starts as by token alone.
 """
 
 from __future__ import annotations
@@ -156,15 +161,22 @@ class Router(nn.Module):
         threshold_max: float | None = None,
         router_dtype: str = "float32",
         jitter: float = 0.0,
+        task_routing: str = "none",
+        num_tasks: int = 1,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        self.task_routing = task_routing
         self.kind, self.top_k, self.top_p = kind, top_k, top_p
         self.capacity_factor, self.jitter = capacity_factor, jitter
         self.threshold_max = threshold_max
         self.dtype = DTYPES[router_dtype]
         param_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.weight_blocks = nn.ParameterList([self._new_rows(num_experts, d_in, param_dtype, device)])
+        # task embeddings, one tensor per group of tasks created together (so old ones can be frozen)
+        self.task_embedding_blocks = nn.ParameterList()
+        if task_routing != "none":
+            self.task_embedding_blocks.append(self._new_task_rows(num_tasks, d_in, param_dtype, device))
         # AdaMoLE's threshold network (only for the threshold router)
         self.threshold = nn.Linear(d_in, 1, device=device, dtype=param_dtype) if kind == "threshold" else None
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=param_dtype, device=device))
@@ -178,13 +190,16 @@ class Router(nn.Module):
         self.register_buffer(
             "token_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False
         )
-        # tokens per expert of the tokens routed for one task (task blocks x E), since the last reset
-        self.register_buffer("task_counts", counts.clone()[None], persistent=False)
+        # tokens per expert of the tokens routed for one task (tasks x E), since the last reset
+        self.register_buffer("task_counts", counts.clone()[None].repeat(num_tasks, 1), persistent=False)
 
     def add_block(self, n: int) -> None:
-        """Append n experts for a new task: new router rows (N(0, 0.02^2)), zero bias, zero counts."""
+        """Append n experts for a new task: new router rows (N(0, 0.02^2)), zero bias, zero counts, and
+        the task's embedding under task routing."""
         old = self.weight_blocks[0]
         self.weight_blocks.append(self._new_rows(n, old.shape[1], old.dtype, old.device))
+        if self.task_routing != "none":
+            self.task_embedding_blocks.append(self._new_task_rows(1, old.shape[1], old.dtype, old.device))
         for name in ("expert_bias", "step_counts", "load_counts"):
             buf = getattr(self, name)
             setattr(self, name, torch.cat([buf, buf.new_zeros(n)]))
@@ -209,6 +224,22 @@ class Router(nn.Module):
     def _new_rows(n: int, d_in: int, dtype: torch.dtype, device: torch.device | None) -> nn.Parameter:
         return nn.Parameter(torch.randn(n, d_in, dtype=dtype, device=device) * 0.02)
 
+    def _new_task_rows(
+        self, n: int, d_in: int, dtype: torch.dtype, device: torch.device | None
+    ) -> nn.Parameter:
+        rows = torch.zeros(n, d_in, dtype=dtype, device=device)
+        if self.task_routing == "task":
+            rows.normal_()
+        return nn.Parameter(rows)
+
+    def task_embedding(self, task: int) -> Tensor:
+        """(d_in,) the learned embedding of task `task` (index in the model's task list)."""
+        for rows in self.task_embedding_blocks:
+            if task < rows.shape[0]:
+                return rows[task]
+            task -= rows.shape[0]
+        raise IndexError(f"no task embedding for task index {task}")
+
     @property
     def num_experts(self) -> int:
         return sum(w.shape[0] for w in self.weight_blocks)
@@ -220,14 +251,30 @@ class Router(nn.Module):
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, num_experts={self.num_experts}, dtype={self.dtype}"
+        routing = "" if self.task_routing == "none" else f", task_routing={self.task_routing}"
+        return f"kind={self.kind}, num_experts={self.num_experts}, dtype={self.dtype}{routing}"
 
     def forward(
-        self, x_TD: Tensor, mask_T: Tensor, use_bias: bool = False, blocks: tuple[int, ...] | None = None
+        self,
+        x_TD: Tensor,
+        mask_T: Tensor,
+        use_bias: bool = False,
+        blocks: tuple[int, ...] | None = None,
+        task: int | None = None,
     ) -> Routing:
-        """Route T tokens among the experts of the task `blocks` (None: every expert)."""
+        """Route T tokens among the experts of the task `blocks` (None: every expert); `task`: the tokens'
+        task index, which task routing needs."""
         x_TD = x_TD.to(self.dtype)
-        if self.training and self.jitter > 0:
+        if self.task_routing != "none":
+            if task is None:
+                raise ValueError(
+                    f"task_routing={self.task_routing!r} routes by task, but no task was given: pass "
+                    "task_ids=... to the forward (or generate), or run under use_tasks([...]) with one task"
+                )
+            e_D = self.task_embedding(task).to(self.dtype)
+            # "task": the router sees the task alone (a fixed mixture per task, MOELoRA)
+            x_TD = e_D.expand_as(x_TD) if self.task_routing == "task" else x_TD + e_D
+        if self.training and self.jitter > 0 and self.task_routing != "task":
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise  # a new tensor: the caller's input is left untouched
         weight_ED, bias_E = self.weight, self.expert_bias

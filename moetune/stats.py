@@ -23,10 +23,15 @@ PER_RANK_BUFFERS = ("step_counts", "load_counts", "entropy_sum", "token_count", 
 
 @torch.no_grad()
 def accumulate_stats(
-    router: Router, routing: Routing, mask_T: Tensor, count_step: bool, blocks: tuple[int, ...] | None = None
+    router: Router,
+    routing: Routing,
+    mask_T: Tensor,
+    count_step: bool,
+    blocks: tuple[int, ...] | None = None,
+    task: int | None = None,
 ) -> None:
     """Add one routing's counts; `blocks`: the task blocks it was restricted to (None: all experts).
-    Tokens routed for exactly one task also count in that task's row of `task_counts`."""
+    Tokens routed for one task (`task`, its index) also count in that task's row of `task_counts`."""
     counts_E = (routing.assignment() & mask_T[:, None]).sum(0).to(torch.float64)
     if counts_E.numel() != router.num_experts:  # restricted: scatter to the experts' global indices
         full_E = torch.zeros_like(router.load_counts)
@@ -36,8 +41,8 @@ def accumulate_stats(
     router.load_counts += counts_E
     if count_step:
         router.step_counts += counts_E
-    if blocks is not None and len(blocks) == 1:
-        router.task_counts[blocks[0]] += counts_E
+    if task is not None:
+        router.task_counts[task] += counts_E
     p_NE = routing.probs[mask_T].to(torch.float64)
     router.entropy_sum += -(p_NE * p_NE.clamp_min(1e-300).log()).sum()
     router.token_count += mask_T.sum()

@@ -263,9 +263,9 @@ def test_bad_task_input_names_the_value_and_what_is_allowed() -> None:
     for n in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=rf"n={n!r}: must be an int >= 1"):
             model.add_experts(n, task="C")
-    with pytest.raises(ValueError, match=r"task 'B' already owns experts \(tasks: \['A', 'B'\]\)"):
+    with pytest.raises(ValueError, match=r"task 'B' exists already \(tasks: \['A', 'B'\]\)"):
         model.add_experts(2, task="B")
-    with pytest.raises(ValueError, match=r"task 'A' already owns"):
+    with pytest.raises(ValueError, match=r"task 'A' exists already"):
         model.add_experts(2, task="A")
     with pytest.raises(ValueError, match=r"task='': must be a non-empty"):
         model.add_experts(2, task="")
@@ -295,8 +295,12 @@ def test_bad_task_config_is_a_clear_error() -> None:
         moetune.MoEConfig(added_experts=[{"task": "B"}])
     with pytest.raises(ValueError, match=r"task='': must be a non-empty string"):
         moetune.MoEConfig(task="")
-    with pytest.raises(NotImplementedError, match=r"task_routing='task' is not built yet"):
-        moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(task_routing="task"))
+    with pytest.raises(ValueError, match=r"extra_tasks\[1\]='X': must be a new non-empty name"):
+        moetune.MoEConfig(extra_tasks=["X", "X"])
+    with pytest.raises(ValueError, match=r"extra_tasks\[0\]='default': must be a new"):
+        moetune.MoEConfig(extra_tasks=["default"])
+    with pytest.raises(ValueError, match=r"added_experts\[0\]: task='X' must be a new"):
+        moetune.MoEConfig(extra_tasks=["X"], added_experts=[block | {"task": "X"}])
     cfg = moetune.MoEConfig(added_experts=[block])
     assert moetune.MoEConfig.from_dict(cfg.to_dict()) == cfg
 
