@@ -3,6 +3,7 @@
 from moetune.config import MoEConfig
 from moetune.model import MoEModel, get_moe_model
 from moetune.routing import Routing
+from moetune.upcycle import upcycle_lora
 
-__all__ = ["MoEConfig", "MoEModel", "Routing", "get_moe_model"]
+__all__ = ["MoEConfig", "MoEModel", "Routing", "get_moe_model", "upcycle_lora"]
 __version__ = "0.1.0"
