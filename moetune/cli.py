@@ -1,4 +1,4 @@
-"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate.
+"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate, export.
 
 Every MoEConfig field is also a `train` option, with its help text as the option's help. Errors in
 the input (missing file, empty data, YAML typo, bad value) print one line and exit with status 2.
@@ -87,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+
+    exp = sub.add_parser(
+        "export",
+        help="write an adapter as a transformers MoE checkpoint (Mixtral) that serves without moetune",
+    )
+    exp.add_argument("dst", help="the checkpoint directory to write (config.json, safetensors, tokenizer)")
+    exp.add_argument(
+        "--to",
+        default="mixtral",
+        choices=["mixtral", "qwen2_moe"],
+        help="mixtral (Llama/Mistral base), qwen2_moe (Qwen2 base)",
+    )
+    exp.add_argument("--adapter", required=True)
+    exp.add_argument(
+        "--base", default=None, help="base model directory (default: the adapter's run/provenance)"
+    )
+    exp.add_argument(
+        "--tasks", nargs="+", default=None, help="export only these tasks' experts (default: all)"
+    )
+    exp.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the base's)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return parser
 
 
@@ -195,7 +216,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stats": cmd_stats, "generate": cmd_generate}
+def cmd_export(args: argparse.Namespace) -> int:
+    from moetune.export import export_moe, load_for_export
+
+    model, tokenizer = load_for_export(args.adapter, args.base)
+    out = export_moe(
+        model,
+        args.dst,
+        args.to,
+        tasks=args.tasks,
+        dtype=args.dtype,
+        tokenizer=tokenizer,
+        overwrite=args.overwrite,
+    )
+    _log(f"wrote {out} ({args.to}): load it with transformers' AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "stats": cmd_stats,
+    "generate": cmd_generate,
+    "export": cmd_export,
+}
 
 
 def _log(message: str) -> None:
