@@ -7,12 +7,14 @@ offline demo model). Unknown keys are errors: a typo must not silently train som
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +98,34 @@ class DataConfig:
 
 
 @dataclass
+class AddExperts:
+    num_experts: int = field(metadata={"help": "Routed experts to append to every MoE layer."})
+    task: str = field(metadata={"help": "The new task that owns them."})
+    freeze_existing: bool = field(default=True, metadata={"help": "Freeze everything trained before."})
+
+    def __post_init__(self) -> None:
+        n = self.num_experts
+        _require(_is_int(n) and n >= 1, "num_experts", n, "must be an int >= 1")
+        _require(isinstance(self.task, str) and self.task != "", "task", self.task, "must be a task name")
+        ok = isinstance(self.freeze_existing, bool)
+        _require(ok, "freeze_existing", self.freeze_existing, "must be true or false")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a continual-learning run: optionally new experts, then training on its own data."""
+
+    data: DataConfig = field(metadata={"help": "The stage's training files (and held-out files, if any)."})
+    name: str | None = field(default=None, metadata={"help": "A label for reports; default stage-<n>."})
+    add_experts: AddExperts | None = field(
+        default=None, metadata={"help": "Experts for a new task, appended before this stage trains."}
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "TrainingArguments fields for this stage, over `training`."}
+    )
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2"
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -103,6 +133,20 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
     router_lr_multiplier: float = 1.0
     seed: int = 0
+    route_by_task: bool = field(
+        default=False,
+        metadata={
+            "help": "Give the model each example's task (task_ids in training, use_tasks in evaluation); "
+            "the data's tasks must be the model's. Always on with moe.task_routing."
+        },
+    )
+    stages: list[StageConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "Continual learning: stages trained one after the other (each may add experts for a "
+            "new task); `data.test` is evaluated after each. Empty: one run on `data.train`."
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model != "", "model", self.model, "must be a string")
@@ -110,6 +154,12 @@ class RunConfig:
         mult = self.router_lr_multiplier
         _require(_is_number(mult) and mult > 0, "router_lr_multiplier", mult, "must be a number > 0")
         _require(_is_int(self.seed), "seed", self.seed, "must be an int")
+        ok = isinstance(self.route_by_task, bool)
+        _require(ok, "route_by_task", self.route_by_task, "must be true or false")
+
+    @property
+    def routes_by_task(self) -> bool:
+        return self.route_by_task or self.moe.task_routing != "none"
 
 
 def _strict(cls: type, raw: Any, where: str) -> dict[str, Any]:
@@ -147,35 +197,68 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
         raise
     except ValueError as err:
         raise ConfigError(f"{where}: moe: {err}") from None
-    data_raw = dict(_strict(DataConfig, raw.get("data"), f"{where}: data"))
+    data = _parse_data(raw.get("data"), f"{where}: data")
+    training = _parse_training(raw.get("training"), f"{where}: training")
+    stages_raw = raw.get("stages") or []
+    if not isinstance(stages_raw, list):
+        raise ConfigError(f"{where}: stages: expected a list of stages, got {short_repr(stages_raw)}")
+    stages = [_parse_stage(s, f"{where}: stages[{i}]") for i, s in enumerate(stages_raw)]
+    if not data.train and not stages:
+        raise ConfigError(f"{where}: data.train: no training files given")
+    if data.train and stages:
+        raise ConfigError(f"{where}: data.train: with stages, each stage names its training files")
+    rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training", "stages")}
+    return _build(
+        RunConfig, {"moe": moe, "data": data, "training": training, "stages": stages, **rest}, where
+    )
+
+
+def _parse_data(raw: Any, where: str) -> DataConfig:
+    data_raw = dict(_strict(DataConfig, raw, where))
     for split in ("train", "test"):
         items = data_raw.get(split) or []
         if isinstance(items, (str, dict)):
             items = [items]
         if not isinstance(items, list):
             raise ConfigError(
-                f"{where}: data.{split}: expected a file path or a list of them, got {short_repr(items)}"
+                f"{where}.{split}: expected a file path or a list of them, got {short_repr(items)}"
             )
         data_raw[split] = [
             _build(
                 DataSource,
-                {"path": i} if isinstance(i, str) else _strict(DataSource, i, f"{where}: data.{split}"),
-                f"{where}: data.{split}",
+                {"path": i} if isinstance(i, str) else _strict(DataSource, i, f"{where}.{split}"),
+                f"{where}.{split}",
             )
             for i in items
         ]
-    training = raw.get("training") or {}
+    return _build(DataConfig, data_raw, where)
+
+
+def _parse_training(raw: Any, where: str) -> dict[str, Any]:
+    training = raw or {}
     if not isinstance(training, dict):
-        raise ConfigError(f"{where}: training: expected a mapping of TrainingArguments fields")
+        raise ConfigError(f"{where}: expected a mapping of TrainingArguments fields")
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(training) - known, key=str)
     if unknown:
-        raise ConfigError(f"{where}: training: unknown TrainingArguments field(s) {unknown}")
-    rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training")}
-    data = _build(DataConfig, data_raw, f"{where}: data")
-    if not data.train:
+        raise ConfigError(f"{where}: unknown TrainingArguments field(s) {unknown}")
+    return training
+
+
+def _parse_stage(raw: Any, where: str) -> StageConfig:
+    raw = dict(_strict(StageConfig, raw, where))
+    raw["data"] = _parse_data(raw.get("data"), f"{where}: data")
+    if not raw["data"].train:
         raise ConfigError(f"{where}: data.train: no training files given")
-    return _build(RunConfig, {"moe": moe, "data": data, "training": training, **rest}, where)
+    raw["training"] = _parse_training(raw.get("training"), f"{where}: training")
+    if raw.get("add_experts") is not None:
+        add = _strict(AddExperts, raw["add_experts"], f"{where}: add_experts")
+        raw["add_experts"] = _build(AddExperts, add, f"{where}: add_experts")
+    name = raw.get("name")
+    _require(
+        name is None or (isinstance(name, str) and name != ""), f"{where}: name", name, "must be a string"
+    )
+    return _build(StageConfig, raw, where)
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -213,24 +296,37 @@ def tasks_from_config(data: DataConfig) -> Tasks:
         for ex in load_examples(src.path, default_task=src.task or "default"):
             train.setdefault(ex.task, []).append(ex)
             weights[ex.task] = src.weight
-    test: dict[str, list[EvalItem]] = {}
-    for src in data.test:
-        for ex in load_examples(src.path, default_task=src.task or "default"):
-            test.setdefault(ex.task, []).append(EvalItem(ex, tuple(data.options.get(ex.task, ()))))
+    test = held_out_items(data)
     unknown = sorted(set(data.options) - set(train) - set(test))
     if unknown:
         raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(train)}")
     return Tasks(train, test, weights)
 
 
-def evaluate_tasks(model, tokenizer, test: dict[str, list[EvalItem]], log: Callable[[str], None]) -> dict:
-    """Per task: accuracy with its 95% interval, and the routing statistics of that task's items."""
+def held_out_items(data: DataConfig) -> dict[str, list[EvalItem]]:
+    """The evaluation items of `data.test`, per task (scored on `data.options` where given)."""
+    test: dict[str, list[EvalItem]] = {}
+    for src in data.test:
+        for ex in load_examples(src.path, default_task=src.task or "default"):
+            test.setdefault(ex.task, []).append(EvalItem(ex, tuple(data.options.get(ex.task, ()))))
+    return test
+
+
+def evaluate_tasks(
+    model, tokenizer, test: dict[str, list[EvalItem]], log: Callable[[str], None], by_task: bool = False
+) -> dict:
+    """Per task: accuracy with its 95% interval, and the routing statistics of that task's items.
+    `by_task`: each task's items run under `model.use_tasks([task])` (a task the model knows)."""
     results, routing = {}, {}
     for task, items in test.items():
         start = time.time()
+        routed = contextlib.nullcontext()
         if isinstance(model, MoEModel):
             model.reset_routing_stats()
-        results[task] = evaluate(model, tokenizer, items)
+            if by_task:
+                routed = model.use_tasks([known_task(model, task)])
+        with routed:
+            results[task] = evaluate(model, tokenizer, items)
         if isinstance(model, MoEModel):
             routing[task] = model.routing_stats()
         r = results[task]
@@ -241,6 +337,16 @@ def evaluate_tasks(model, tokenizer, test: dict[str, list[EvalItem]], log: Calla
     if len(routing) > 1:
         routing = {"all tasks": stats.merge(list(routing.values())), **routing}
     return {"accuracy": results, "routing": routing}
+
+
+def known_task(model: MoEModel, task: str) -> str:
+    """`task`, checked to be one of the model's tasks (route_by_task)."""
+    if task not in model.tasks:
+        raise ConfigError(
+            f"route_by_task: the data's task {task!r} is not one of the model's tasks {model.tasks} "
+            "(moe.task, moe.extra_tasks, or a stage's add_experts.task)"
+        )
+    return task
 
 
 def training_mixture(cfg: RunConfig, tasks: Tasks) -> list[Example]:
@@ -254,11 +360,17 @@ def training_mixture(cfg: RunConfig, tasks: Tasks) -> list[Example]:
     return mixture
 
 
-def trainer_inputs(tokenizer, cfg: RunConfig, mixture: list[Example], output_dir: str) -> dict[str, Any]:
-    """Keyword arguments of a transformers Trainer for the run: args, dataset, tokenizer and collator."""
+def trainer_inputs(
+    tokenizer, cfg: RunConfig, mixture: list[Example], output_dir: str, task_names: list[str] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of a transformers Trainer for the run: args, dataset, tokenizer and collator.
+    `task_names`: the model's tasks; each example then carries `task_ids`, its task's index there."""
     from datasets import Dataset
 
     encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in mixture]
+    if task_names is not None:
+        for row, ex in zip(encoded, mixture, strict=True):
+            row["task_ids"] = task_names.index(ex.task)
     args = TrainingArguments(
         **{
             "output_dir": os.path.join(output_dir, "checkpoints"),
@@ -277,6 +389,45 @@ def trainer_inputs(tokenizer, cfg: RunConfig, mixture: list[Example], output_dir
         "processing_class": tokenizer,
         "data_collator": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     }
+
+
+def fit(
+    moe: MoEModel,
+    tokenizer,
+    cfg: RunConfig,
+    mixture: list[Example],
+    output_dir: str,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+) -> tuple[MoETrainer, float]:
+    """Train `moe` on `mixture` with MoETrainer (checkpoints under `output_dir/checkpoints/`); returns
+    the trainer and the training seconds. Ctrl-C saves a checkpoint and raises `TrainingInterrupted`."""
+    if cfg.routes_by_task:
+        for task in {ex.task for ex in mixture}:
+            known_task(moe, task)
+    task_names = moe.tasks if cfg.routes_by_task else None
+    trainer = MoETrainer(
+        model=moe,
+        router_lr_multiplier=cfg.router_lr_multiplier,
+        **trainer_inputs(tokenizer, cfg, mixture, output_dir, task_names),
+    )
+    checkpoint = None
+    if resume:
+        checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {trainer.args.output_dir}")
+        log(f"resuming from {checkpoint}")
+    start = time.time()
+    counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(e.task for e in mixture).items()))
+    log(f"training on {len(mixture)} examples ({counts})")
+    stopper = SaveOnInterrupt()
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.interrupted:
+        saved = last_complete_checkpoint(trainer.args.output_dir)
+        raise TrainingInterrupted(trainer.state.global_step, saved)
+    return trainer, time.time() - start
 
 
 def train_and_evaluate(
@@ -308,31 +459,10 @@ def train_and_evaluate(
     log(f"moetune: {trainable:,} trainable of {total:,} parameters")
 
     mixture = training_mixture(cfg, tasks)
-    trainer = MoETrainer(
-        model=moe,
-        router_lr_multiplier=cfg.router_lr_multiplier,
-        **trainer_inputs(tokenizer, cfg, mixture, output_dir),
-    )
-    checkpoint = None
-    if resume:
-        checkpoint = last_complete_checkpoint(trainer.args.output_dir)
-        if checkpoint is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {trainer.args.output_dir}")
-        log(f"resuming from {checkpoint}")
-    start = time.time()
-    counts = ", ".join(f"{t}: {sum(e.task == t for e in mixture)}" for t in tasks.train)
-    log(f"training on {len(mixture)} examples ({counts})")
-    stopper = SaveOnInterrupt()
-    trainer.add_callback(stopper)
-    with stopper.installed():
-        trainer.train(resume_from_checkpoint=checkpoint)
-    if stopper.interrupted:
-        saved = last_complete_checkpoint(trainer.args.output_dir)
-        raise TrainingInterrupted(trainer.state.global_step, saved)
-    train_seconds = time.time() - start
+    trainer, train_seconds = fit(moe, tokenizer, cfg, mixture, output_dir, log, resume)
     moe.save_pretrained(os.path.join(output_dir, "adapter"))
     log("accuracy after fine-tuning:")
-    after = evaluate_tasks(moe, tokenizer, tasks.test, log)
+    after = evaluate_tasks(moe, tokenizer, tasks.test, log, by_task=cfg.routes_by_task)
     moe.reset_routing_stats()
     metrics = {
         "before": {t: r["accuracy"] for t, r in before["accuracy"].items()},
