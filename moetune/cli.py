@@ -152,20 +152,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         from moetune.run import tasks_from_config
 
         cfg = load_run_config(args.config)
+        if cfg.stages:
+            return _train_stages(args, cfg, overrides)
         tasks = tasks_from_config(cfg.data)  # bad data fail here, before a model is loaded
         model, tokenizer = demo.load_model(cfg.model)
-    if overrides:
-        cfg.moe = MoEConfig(**{**cfg.moe.to_dict(), **overrides})
-    if args.max_steps is not None:
-        cfg.training["max_steps"] = args.max_steps
-    if args.seed is not None:
-        cfg.seed = args.seed
+    _override(cfg, args, overrides)
     metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log, resume=args.resume)
     demo.remember_run(args.output_dir, cfg, args)
     _log(
         f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}; "
         f"wrote {os.path.join(args.output_dir, 'report.md')}"
     )
+    return 0
+
+
+def _override(cfg: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    if overrides:
+        cfg.moe = MoEConfig(**{**cfg.moe.to_dict(), **overrides})
+    if args.max_steps is not None:
+        cfg.training["max_steps"] = args.max_steps
+    if args.seed is not None:
+        cfg.seed = args.seed
+
+
+def _train_stages(args: argparse.Namespace, cfg: Any, overrides: dict[str, Any]) -> int:
+    """A continual-learning config (`stages:`): every stage in order, then its report."""
+    from moetune import demo
+    from moetune.stages import run_stages, stage_tasks
+
+    if args.resume:
+        raise ValueError(f"{args.config}: --resume continues one training run; this config has stages")
+    stage_tasks(cfg)  # bad data fail here, before a model is loaded
+    model, tokenizer = demo.load_model(cfg.model)
+    _override(cfg, args, overrides)
+    run_stages(model, tokenizer, cfg, args.output_dir, log=_log)
+    demo.remember_run(args.output_dir, cfg, args)
+    _log(f"wrote {os.path.join(args.output_dir, 'report.md')}")
     return 0
 
 
