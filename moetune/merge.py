@@ -48,18 +48,24 @@ class MergeError(ValueError):
 
 
 # ---- the mixture each layer applies, when it does not depend on the token ---------------------------
-def fixed_router_weights(layer: RoutedLayer, blocks: Blocks) -> Tensor:
+def fixed_router_weights(layer: RoutedLayer, blocks: Blocks, task: int | None = None) -> Tensor:
     """(E,) the weight the router gives each routed expert of `blocks` (router order), the same on
     every real token; raises MergeError (naming the layer and why) when the weights depend on the token.
+    `task`: the task index the tokens route for (`use_tasks` with one task), None if none is set.
 
     Today that needs E = 1 (see the module docstring for each router). A router whose input does not
-    depend on the token (MOELoRA's task_routing='task': logits from a task embedding) gives a fixed
-    mixture for any E: that case computes its weights here, once for the task of `blocks`.
+    depend on the token (MOELoRA's task_routing='task': logits from the embedding of `task`) gives a
+    fixed mixture for any E; that case is to compute its weights here, once for `task`.
     """
     router, name = layer.router, layer.layer_name
     ranges = router.block_ranges(blocks)
     E = sum(n for _, n in ranges)
     one_E = torch.ones(1, dtype=torch.float32)
+    if E > 1 and router.task_routing == "task":
+        raise MergeError(
+            f"{name}: task_routing='task' gives every token of a task the same mixture of {E} experts, "
+            "but merging that mixture is not built yet; merging needs one routed expert per layer"
+        )
     if E > 1:
         raise MergeError(
             f"{name}: the router ({router.kind!r}) chooses among {E} routed experts per token, so the "
@@ -88,10 +94,10 @@ def fixed_router_weights(layer: RoutedLayer, blocks: Blocks) -> Tensor:
     raise MergeError(f"{name}: router {router.kind!r}: no rule says when its mixture is token-independent")
 
 
-def fixed_mixture(layer: RoutedLayer, blocks: Blocks) -> Tensor:
+def fixed_mixture(layer: RoutedLayer, blocks: Blocks, task: int | None = None) -> Tensor:
     """(N,) weight of each expert of `layer.banks(blocks)` on every token: the routed experts of
     `blocks` (`fixed_router_weights`), then the shared experts (always on, weight 1)."""
-    return torch.cat([fixed_router_weights(layer, blocks), torch.ones(layer.num_shared)])
+    return torch.cat([fixed_router_weights(layer, blocks, task), torch.ones(layer.num_shared)])
 
 
 # ---- LoRA deltas and merging one into a weight ------------------------------------------------------
@@ -128,8 +134,8 @@ class _Merge:
     weights: Tensor  # (N,)
 
 
-def _ffn_merges(layer: MoEFFN, blocks: Blocks) -> list[_Merge]:
-    g_N = fixed_mixture(layer, blocks)
+def _ffn_merges(layer: MoEFFN, blocks: Blocks, task: int | None) -> list[_Merge]:
+    g_N = fixed_mixture(layer, blocks, task)
     banks = layer.banks(blocks)
     out = layer.spec.out_proj
     in_projs = [p for p in layer.spec.in_projs if p in banks]
@@ -157,11 +163,11 @@ def _ffn_merges(layer: MoEFFN, blocks: Blocks) -> list[_Merge]:
     )
 
 
-def _layer_merges(name: str, module: nn.Module, blocks: Blocks) -> list[_Merge]:
+def _layer_merges(name: str, module: nn.Module, blocks: Blocks, task: int | None) -> list[_Merge]:
     if isinstance(module, MoEFFN):
-        return _ffn_merges(module, blocks)
+        return _ffn_merges(module, blocks, task)
     if isinstance(module, MoELinear):
-        return [_Merge(module.base_layer, module.banks(blocks), fixed_mixture(module, blocks))]
+        return [_Merge(module.base_layer, module.banks(blocks), fixed_mixture(module, blocks, task))]
     if isinstance(module, LoRALinear):
         return [_Merge(module.base_layer, module.lora, torch.ones(1))]
     if isinstance(module, TrainableCopy):
@@ -194,13 +200,15 @@ def merge_and_unload(model: MoEModel, task: str | Sequence[str] | None = None) -
     if task is not None:  # the model's own task -> expert blocks mapping, as for a forward
         with model.use_tasks(task):
             return merge_and_unload(model)
-    blocks: Blocks = model._ctx.tasks  # the blocks `use_tasks` restricts every token to; None = all
+    # what `use_tasks` set: the blocks every token is restricted to (None = all), the task (one named)
+    blocks: Blocks = model._ctx.tasks
+    task_index: int | None = model._ctx.task
     base = model.base_model
     wrappers = [
         (n, m) for n, m in base.named_modules() if isinstance(m, (RoutedLayer, LoRALinear, TrainableCopy))
     ]
     with torch.no_grad():
-        merges = [(n, m) for n, w in wrappers for m in _layer_merges(n, w, blocks)]  # may refuse
+        merges = [(n, m) for n, w in wrappers for m in _layer_merges(n, w, blocks, task_index)]  # may refuse
         for n, m in merges:
             _check_merge(n, m)
         for n, m in merges:  # nothing refused: change the weights
