@@ -1,4 +1,4 @@
-"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate, export.
+"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate, export, convert.
 
 Every MoEConfig field is also a `train` option, with its help text as the option's help. Errors in
 the input (missing file, empty data, YAML typo, bad value) print one line and exit with status 2.
@@ -82,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default=None, help="where the PNG plots go (default: next to the adapter)"
     )
     st.add_argument("--test-per-task", type=int, default=50, help="held-out items per task to route")
+
+    conv = sub.add_parser(
+        "convert", help="convert an adapter between moetune and MoE-PEFT's MixLoRA format (mixlora package)"
+    )
+    direction = conv.add_mutually_exclusive_group(required=True)
+    direction.add_argument(
+        "--from", dest="from_format", choices=["mixlora"], help="SRC is in this format; DST: moetune's"
+    )
+    direction.add_argument(
+        "--to", dest="to_format", choices=["mixlora"], help="SRC is a moetune adapter; DST: in this format"
+    )
+    conv.add_argument("src", help="the adapter directory to read")
+    conv.add_argument("dst", help="the adapter directory to write (a new one appears whole)")
+    conv.add_argument(
+        "--base",
+        default=None,
+        help="a local base model directory. --from: build the adapter on it (names, shapes, act_fn checked, "
+        "its fingerprint recorded; without it none is). --to: its FFN activation gives MixLoRA's act_fn",
+    )
+    conv.add_argument(
+        "--act-fn", default=None, help="--to: MixLoRA's act_fn (an ACT2FN name, e.g. silu); default: --base's"
+    )
 
     gen = sub.add_parser("generate", help="generate text with a trained adapter (KV cache, greedy)")
     gen.add_argument("--adapter", required=True)
@@ -227,6 +249,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moetune import convert
+
+    if args.from_format:
+        if args.act_fn is not None:
+            raise ValueError("--act-fn goes with --to mixlora (imported experts use the FFN's activation)")
+        cfg = convert.from_mixlora(args.src, args.dst, base=args.base)
+        note = "" if args.base else "; no base fingerprint recorded (give --base to record one)"
+        _log(f"wrote moetune adapter {args.dst}: {cfg.num_experts} experts, top-{cfg.top_k}, r={cfg.r}{note}")
+    else:
+        data = convert.to_mixlora(args.src, args.dst, act_fn=args.act_fn, base=args.base)
+        _log(
+            f"wrote MixLoRA adapter {args.dst}: {data['num_experts']} experts, top-{data['top_k']}, "
+            f"act_fn={data['act_fn']}"
+        )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from moetune import demo
     from moetune.data import prompt_text
@@ -261,6 +301,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "generate": cmd_generate,
     "export": cmd_export,
+    "convert": cmd_convert,
 }
 
 
