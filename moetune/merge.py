@@ -214,7 +214,7 @@ def merge_and_unload(model: MoEModel, task: str | Sequence[str] | None = None) -
         for n, m in merges:  # nothing refused: change the weights
             merge_delta(m.target, lora_delta(m.bank, m.weights))
             if not m.target.weight.isfinite().all():
-                raise MergeError(f"{n}: the merged weight overflowed to inf/NaN")
+                raise MergeError(f"{n}: the merged weight overflowed to inf/NaN (earlier layers: merged)")
     replaced = {id(p) for _, w in wrappers if isinstance(w, TrainableCopy) for p in w.original.parameters()}
     for n, wrapper in reversed(wrappers):  # innermost first
         parent_name, _, child = n.rpartition(".")
