@@ -8,9 +8,10 @@ W' = W + (s B A)^T there). A mixture of experts merges only where it is the same
     task that owns one), whose weight is then 1 for topk, topp and soft; for switch only with
     capacity_factor >= 1 (capacity ceil(cf T) >= T: no real token overflows); for threshold only with
     threshold_max < 1 (AdaMoLE's tau = tau_max sigmoid(.) < 1 = p, so weight (p - tau)/(p - tau) = 1;
-    with tau_max = 1 a saturated sigmoid gives tau = 1 and the token no expert). Shared experts add
-    weight 1 each. Padding tokens, which switch never routes, are the one exception: their outputs
-    are unused.
+    with tau_max = 1 a saturated sigmoid gives tau = 1 and the token no expert). Or the router reads
+    no token: task_routing='task' (MOELoRA) mixes the experts by the task's embedding alone, one
+    mixture per task (merge one task). Shared experts add weight 1 each. Padding tokens, which switch
+    never routes, are the one exception: their outputs are unused.
   * `linear` experts (MoELinear, y = W x + sum_i g_i s B_i A_i x): any fixed mixture is one delta,
     W' = W + sum_i g_i s B_i A_i.
   * `ffn` experts (MoEFFN, MixLoRA: FFN(x) + sum_i g_i (FFN_i(x) - FFN(x))): the activation between the
@@ -53,19 +54,26 @@ def fixed_router_weights(layer: RoutedLayer, blocks: Blocks, task: int | None = 
     every real token; raises MergeError (naming the layer and why) when the weights depend on the token.
     `task`: the task index the tokens route for (`use_tasks` with one task), None if none is set.
 
-    Today that needs E = 1 (see the module docstring for each router). A router whose input does not
-    depend on the token (MOELoRA's task_routing='task': logits from the embedding of `task`) gives a
-    fixed mixture for any E; that case is to compute its weights here, once for `task`.
+    That needs E = 1 (see the module docstring for each router), or a router whose input does not
+    depend on the token: MOELoRA's task_routing='task' routes every token of `task` by the task's
+    embedding alone, so its weights are computed here once, from that embedding (any E; switch only
+    with E = 1, since its capacity drops tokens by their position).
     """
     router, name = layer.router, layer.layer_name
     ranges = router.block_ranges(blocks)
     E = sum(n for _, n in ranges)
     one_E = torch.ones(1, dtype=torch.float32)
-    if E > 1 and router.task_routing == "task":
-        raise MergeError(
-            f"{name}: task_routing='task' gives every token of a task the same mixture of {E} experts, "
-            "but merging that mixture is not built yet; merging needs one routed expert per layer"
-        )
+    if E > 1 and router.task_routing == "task" and router.kind != "switch":
+        if task is None:
+            raise MergeError(
+                f"{name}: task_routing='task' mixes the experts by task: name the task to merge "
+                "(merge_and_unload(task=...) or use_tasks with one task)"
+            )
+        with torch.no_grad():  # one "token": the router's input is the task's embedding alone
+            e_1D = router.task_embedding(task)[None]
+            real_1 = torch.ones(1, dtype=torch.bool, device=e_1D.device)
+            routing = router(e_1D, real_1, use_bias=layer.use_bias, blocks=blocks, task=task)
+        return routing.dense_weights()[0].float().cpu()
     if E > 1:
         raise MergeError(
             f"{name}: the router ({router.kind!r}) chooses among {E} routed experts per token, so the "

@@ -212,6 +212,47 @@ def test_task_routing_with_one_expert_merges():
     merged = model.merge_and_unload(task="default")
     assert (logits(merged, "llama") - expected).abs().max().item() <= 1e-5
 
+
+@pytest.mark.parametrize("router", ["topk", "soft", "topp", "threshold"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_task_routing_mixture_of_linear_experts_merges(router: str, family: str) -> None:
+    """MOELoRA: every token of a task gets the same mixture, so linear experts merge per task."""
+    cfg = dict(
+        expert_type="linear",
+        num_experts=4,
+        top_k=2,
+        router=router,
+        task_routing="task",
+        task="A",
+        extra_tasks=["B"],
+        num_shared_experts=1,
+        attn_r=4,
+        aux_loss_coef=0.0 if router == "soft" else 0.01,
+    )
+    for task in ("A", "B"):
+        model = moe_model(family, seed=1, **cfg)
+        with model.use_tasks(task):
+            expected = logits(model, family)
+            with model.disable_adapter():
+                assert (expected - logits(model, family)).abs().max().item() > 0.05
+        other = "B" if task == "A" else "A"
+        with model.use_tasks(other):
+            assert not torch.allclose(expected, logits(model, family))  # tasks differ: a real check
+        merged = model.merge_and_unload(task=task)
+        diff = (logits(merged, family) - expected).abs().max().item()
+        assert diff <= 1e-5, f"task {task}: merged vs MoE max |logit difference| {diff:.3g}"
+
+
+def test_task_routing_merge_refusals() -> None:
     several = moe_model("llama", num_experts=2, top_k=2, task_routing="task")
-    with pytest.raises(MergeError, match=r"model\.layers\.0\.mlp: task_routing='task' gives every token"):
-        several.merge_and_unload(task="default")
+    with pytest.raises(MergeError, match=r"model\.layers\.0\.mlp: expert_type='ffn' mixes 2 experts"):
+        several.merge_and_unload(task="default")  # the activation makes a sum of FFNs no FFN
+    linear = moe_model("llama", expert_type="linear", num_experts=2, top_k=2, task_routing="task")
+    with pytest.raises(MergeError, match=r"task_routing='task' mixes the experts by task: name the task"):
+        linear.merge_and_unload()
+    token = moe_model("llama", expert_type="linear", num_experts=2, top_k=2, task_routing="token+task")
+    with pytest.raises(MergeError, match=r"chooses among 2 routed experts per token"):
+        token.merge_and_unload(task="default")
+    switch = moe_model("llama", expert_type="linear", num_experts=2, router="switch", task_routing="task")
+    with pytest.raises(MergeError, match=r"chooses among 2 routed experts per token"):
+        switch.merge_and_unload(task="default")
