@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy of a trained adapter on the run's held-out data")
     ev.add_argument("--adapter", required=True, help="an adapter directory written by `moetune train`")
     ev.add_argument("--test-per-task", type=int, default=None, help="demo: held-out items per task")
+    ev.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
     st = sub.add_parser("stats", help="routing statistics of an adapter: tables and PNG plots")
     st.add_argument("--adapter", required=True)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default=None, help="where the PNG plots go (default: next to the adapter)"
     )
     st.add_argument("--test-per-task", type=int, default=50, help="held-out items per task to route")
+    st.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
     conv = sub.add_parser(
         "convert", help="convert an adapter between moetune and MoE-PEFT's MixLoRA format (mixlora package)"
@@ -213,12 +215,24 @@ def _train_stages(args: argparse.Namespace, cfg: Any, overrides: dict[str, Any])
     return 0
 
 
+ALL_EXPERTS_HELP = (
+    "route every held-out item among all experts; default: an adapter with several tasks, or with "
+    "task_routing, runs each task's items under use_tasks([task]) when the data's tasks are its own"
+)
+
+
+def _by_task(model: Any, tasks: Any, args: argparse.Namespace) -> bool:
+    """Whether evaluation runs each task's items under `use_tasks([task])` (see ALL_EXPERTS_HELP)."""
+    routed = model.moe_config.task_routing != "none" or len(model.tasks) > 1
+    return routed and not args.all_experts and set(tasks.test) <= set(model.tasks)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from moetune import demo
     from moetune.run import evaluate_tasks
 
     model, tokenizer, tasks = demo.load_adapter_run(args.adapter, test_per_task=args.test_per_task)
-    result = evaluate_tasks(model, tokenizer, tasks.test, _log)
+    result = evaluate_tasks(model, tokenizer, tasks.test, _log, by_task=_by_task(model, tasks, args))
     print(json.dumps({t: r["accuracy"] for t, r in result["accuracy"].items()}, indent=2))
     return 0
 
@@ -229,7 +243,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from moetune.run import evaluate_tasks
 
     model, tokenizer, tasks = demo.load_adapter_run(args.adapter, test_per_task=args.test_per_task)
-    result = evaluate_tasks(model, tokenizer, tasks.test, lambda _m: None)
+    by_task = _by_task(model, tasks, args)
+    result = evaluate_tasks(model, tokenizer, tasks.test, lambda _m: None, by_task=by_task)
     out = args.output_dir or os.path.dirname(os.path.abspath(args.adapter))
     os.makedirs(out, exist_ok=True)
     for task, layers in result["routing"].items():

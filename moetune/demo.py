@@ -309,8 +309,14 @@ def load_adapter_run(adapter: str, test_per_task: int | None = None):
             record["train_per_task"] or DEFAULT_TRAIN_PER_TASK, max(n_test, 0), record["seed"], tokenizer
         )
     else:
-        data = load_run_config(record["config"]).data
-        for src in [*data.train, *data.test]:  # relative paths are relative to where training ran
-            src.path = os.path.join(record.get("cwd") or "", src.path)
-        tasks = tasks_from_config(data)
+        cfg = load_run_config(record["config"])
+        datas = [cfg.data, *(stage.data for stage in cfg.stages)]
+        for src in [s for data in datas for s in (*data.train, *data.test)]:
+            src.path = os.path.join(record.get("cwd") or "", src.path)  # relative to where training ran
+        if cfg.stages:
+            from moetune.stages import stage_tasks
+
+            tasks = Tasks({}, stage_tasks(cfg)[1])  # every stage's held-out tasks
+        else:
+            tasks = tasks_from_config(cfg.data)
     return moe, tokenizer, tasks

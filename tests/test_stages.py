@@ -170,3 +170,29 @@ def test_resume_with_stages_is_refused(tmp_path, capsys) -> None:
     assert cli.main(["train", path, "--output-dir", str(tmp_path / "out"), "--resume"]) == 2
     assert "this config has stages" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_stages_then_eval_and_stats_route_by_task(tmp_path, monkeypatch, capsys) -> None:
+    """`moetune train` with stages on a local tiny model; `moetune eval` reproduces the final stage's
+    task-routed accuracies (and its all-experts ones with --all-experts); `moetune stats` plots tasks."""
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    raw = yaml.safe_load(Path(stages_yaml(tmp_path, toy_files(tmp_path))).read_text())
+    raw["model"] = "tiny-llama"
+    (tmp_path / "stages.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "stages.yaml", "--output-dir", "out"]) == 0
+    final = json.loads(Path("out/metrics.json").read_text())["stages"][-1]["accuracy"]
+    capsys.readouterr()
+    for flags, mode in (([], "task_routed"), (["--all-experts"], "all_experts")):
+        assert cli.main(["eval", "--adapter", "out/adapter", *flags]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed == {task: r["accuracy"] for task, r in final[mode].items()}
+    assert cli.main(["stats", "--adapter", "out/adapter", "--output-dir", "plots"]) == 0
+    assert (tmp_path / "plots" / "task_expert.png").stat().st_size > 0
+    tables = capsys.readouterr().out
+    assert "sentiment" in tables and "arithmetic" in tables
