@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moetune.architectures import FFNSpec, linear_dims
+from moetune.checkpointing import AuxTap, attach_losses
 from moetune.config import MoEConfig
 from moetune.experts import DenseSlots, ExpertMath, GroupedSlots, LoRAExperts, has_grouped_mm
 from moetune.routing import Router, Routing
@@ -51,6 +52,9 @@ class RoutingContext:
     # the state of the last MoEModel forward (its fields are cleared when it returns), for activation
     # checkpointing, which re-runs parts of that forward inside backward
     replay: RoutingContext | None = None
+    # set on `replay` when that forward routed without autograd (reentrant checkpointing): the layers
+    # attach their recomputed balance losses to their outputs (moetune.checkpointing)
+    aux_tap: AuxTap | None = None
 
     def recomputing(self) -> bool:
         """True while autograd's backward re-runs a forward (activation checkpointing)."""
@@ -138,6 +142,7 @@ class RoutedLayer(nn.Module):
             device=device,
         )
         self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self._recomputed_losses: list[Tensor] = []  # reentrant checkpointing: to attach to the output
 
     # ---- tasks: one block of experts per task ----------------------------------------------------
     def expert_banks(self) -> list[LoRAExperts]:
@@ -202,7 +207,17 @@ class RoutedLayer(nn.Module):
             record.sample_active = routing.assignment()[sample]
         if self.ctx.records is not None:
             self.ctx.records.append(record)
+        tap = self.ctx.now().aux_tap
+        if tap is not None and recomputing and torch.is_grad_enabled():
+            self._recomputed_losses.append(tap.loss_of(record))
         return routing, mask_T
+
+    def _with_recomputed_losses(self, y: Tensor) -> Tensor:
+        """`y` carrying the balance losses recomputed in this forward (reentrant checkpointing only)."""
+        if not self._recomputed_losses:
+            return y
+        losses, self._recomputed_losses = self._recomputed_losses, []
+        return attach_losses(y, losses, self.ctx.now().aux_tap)
 
     def banks(self, blocks: Blocks) -> Any:
         """The expert views of the experts tokens restricted to `blocks` use (numbered as `pieces`)."""
@@ -291,7 +306,7 @@ class MoEFFN(RoutedLayer):
             return self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         y = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._mixture)
-        return self._post(y).view(*lead, -1)
+        return self._with_recomputed_losses(self._post(y).view(*lead, -1))
 
     def _mixture(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks, task: int | None) -> Tensor:
         """FFN(x) + sum_i g_i (FFN_i(x) - FFN(x)) with experts of `blocks`, before the post dropout."""
@@ -428,7 +443,7 @@ class MoELinear(RoutedLayer):
             return y
         lead = x.shape[:-1]
         delta = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._delta)
-        return y + delta.view(*lead, -1).to(y.dtype)
+        return self._with_recomputed_losses(y + delta.view(*lead, -1).to(y.dtype))
 
     def _delta(self, x_TD: Tensor, mask_T: Tensor, blocks: Blocks, task: int | None) -> Tensor:
         """sum_i g_i s B_i A_i x over the experts of `blocks`  -> (T, d_out)."""

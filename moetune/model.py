@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moetune import losses, stats
+from moetune.checkpointing import AuxTap, tap_gradient
 from moetune.config import MoEConfig
 from moetune.injection import inject
 from moetune.layers import LoRALinear, RoutedLayer, RouterRecord, RoutingContext, TrainableCopy
@@ -52,6 +53,7 @@ class MoEModel(nn.Module):
         self.nonfinite: str | None = None
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
         self.balance_losses_in_output = True
+        self._tap: AuxTap | None = None  # the last forward's, under reentrant activation checkpointing
         inject(model, config, self._ctx)
         for block in config.added_experts:  # an expanded adapter: the same blocks, frozen as they were
             self._append_block(block["num_experts"], block["freeze_existing"])
@@ -111,8 +113,10 @@ class MoEModel(nn.Module):
         finally:
             ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
             ctx.sample_tasks = None
+        self._tap = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
-            self._check_graph(records)
+            self._tap = self._tap_if_detached(records)
+            ctx.replay.aux_tap = self._tap
             self.nonfinite = None
             per_router = self._balance_losses(records)
             self._check_finite(records, per_router)
@@ -125,25 +129,33 @@ class MoEModel(nn.Module):
                 out.loss = out.loss + self.weighted_aux_loss()
         return out
 
-    def _check_graph(self, records: list[RouterRecord]) -> None:
-        """Reentrant activation checkpointing runs the first forward without autograd: the balance losses
-        would silently lose their gradient. Refuse it rather than train the routers wrongly."""
-        detached = [r.name for r in records if not r.grad_enabled]
-        if not (detached and self.training and torch.is_grad_enabled()):
-            return
-        routers = [layer.router for _, layer in self.moe_layers()]
-        if any(p.requires_grad for router in routers for p in router.parameters()):
-            raise RuntimeError(
-                f"{detached[0]} routed without autograd in a training forward: reentrant "
-                "activation checkpointing? Use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}) (the default of MoEModel.gradient_checkpointing_enable)"
-            )
+    def _tap_if_detached(self, records: list[RouterRecord]) -> AuxTap | None:
+        """Reentrant activation checkpointing runs the first forward without autograd, so its balance
+        losses have no graph: the layers then recompute theirs in backward and attach them to their
+        outputs (moetune.checkpointing), each router's share weighted as in `weighted_aux_loss`."""
+        if all(r.grad_enabled for r in records) or not (self.training and torch.is_grad_enabled()):
+            return None
+        with_contrastive = records[0].expert_outputs is not None
+        coefs = {k: getattr(self.moe_config, c) for k, c in self.COEFS.items()}
+
+        def loss_of(record: RouterRecord) -> Tensor:
+            terms = [
+                coefs[name] * value
+                for name, value in self._record_losses(record, with_contrastive).items()
+                if coefs[name] > 0
+            ]
+            return torch.stack(terms).sum() / len(records) if terms else record.routing.logits.new_zeros(())
+
+        return AuxTap(loss_of)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' activation checkpointing, non-reentrant unless asked otherwise (the reentrant
-        variant runs the first forward without autograd, which the balance losses cannot use)."""
+        """transformers' activation checkpointing, non-reentrant unless asked otherwise. The reentrant
+        variant back-propagates a block only through its inputs: they are made to require grad (the
+        embeddings' output), and the balance losses reach the routers through `moetune.checkpointing`."""
         kwargs = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"]:
+            self.base_model.enable_input_require_grads()
 
     def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
         """Each loss per router: name -> (R,) in the order of `records` (averaged over routers, SPEC §3)."""
@@ -152,24 +164,26 @@ class MoEModel(nn.Module):
         if cfg.contrastive_loss_coef > 0 and records[0].expert_outputs is not None:
             per_router["contrastive_loss"] = []
         for rec in records:
-            r = rec.routing
-            per_router["aux_loss"].append(
-                losses.switch_aux_loss(r.logits, cfg.top_k, mask=rec.mask, selected=r.assignment())
-            )
-            per_router["z_loss"].append(losses.z_loss(r.logits, mask=rec.mask))
-            per_router["importance_loss"].append(
-                losses.importance_loss(r.logits, mask=rec.mask, gates=r.dense_weights())
-            )
-            if "contrastive_loss" in per_router:
-                per_router["contrastive_loss"].append(
-                    losses.contrastive_loss(
-                        rec.expert_outputs,
-                        rec.sample_active,
-                        mode=cfg.contrastive_mode,
-                        temperature=cfg.contrastive_temperature,
-                    )
-                )
+            for name, value in self._record_losses(rec, "contrastive_loss" in per_router).items():
+                per_router[name].append(value)
         return {name: torch.stack(vals) for name, vals in per_router.items()}
+
+    def _record_losses(self, rec: RouterRecord, with_contrastive: bool) -> dict[str, Tensor]:
+        """One router's balance losses (SPEC §3)."""
+        cfg, r = self.moe_config, rec.routing
+        out = {
+            "aux_loss": losses.switch_aux_loss(r.logits, cfg.top_k, mask=rec.mask, selected=r.assignment()),
+            "z_loss": losses.z_loss(r.logits, mask=rec.mask),
+            "importance_loss": losses.importance_loss(r.logits, mask=rec.mask, gates=r.dense_weights()),
+        }
+        if with_contrastive:
+            out["contrastive_loss"] = losses.contrastive_loss(
+                rec.expert_outputs,
+                rec.sample_active,
+                mode=cfg.contrastive_mode,
+                temperature=cfg.contrastive_temperature,
+            )
+        return out
 
     def _check_finite(self, records: list[RouterRecord], per_router: dict[str, Tensor]) -> None:
         """NaN/inf in a router's logits (real tokens only) or its balance losses: a FloatingPointError
@@ -198,14 +212,17 @@ class MoEModel(nn.Module):
     }
 
     def weighted_aux_loss(self) -> Tensor:
-        """sum_l coef_l * loss_l of the last forward (what `out.loss` adds)."""
+        """sum_l coef_l * loss_l of the last forward (what `out.loss` adds). After a forward that routed
+        without autograd (reentrant checkpointing) its gradient is handed to the layers' recomputed
+        losses in backward (moetune.checkpointing)."""
         terms = [
             getattr(self.moe_config, self.COEFS[k]) * v
             for k, v in self._aux.items()
             if getattr(self.moe_config, self.COEFS[k]) > 0
         ]
         if terms:
-            return torch.stack(terms).sum()
+            total = torch.stack(terms).sum()
+            return total if self._tap is None else tap_gradient(total, self._tap)
         device = next(iter(self._aux.values())).device if self._aux else None
         return torch.zeros((), device=device)
 

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     from tiny_models import tiny_batch, tiny_model
 
 
-def _step(checkpointing: bool, router: str, contrastive: float) -> dict:
+def _step(checkpointing: bool, router: str, contrastive: float, reentrant: bool = False) -> dict:
     torch.manual_seed(0)
     base = tiny_model("llama")
     cfg = moetune.MoEConfig(
@@ -32,8 +32,8 @@ def _step(checkpointing: bool, router: str, contrastive: float) -> dict:
     )
     model = moetune.get_moe_model(base, cfg)
     randomize_(model)
-    if checkpointing:
-        model.gradient_checkpointing_enable()  # non-reentrant by default
+    if checkpointing:  # non-reentrant by default
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     torch.manual_seed(1)
     out = model(**tiny_batch("llama", batch=3, seq=9, padded=True))
@@ -48,9 +48,12 @@ def _step(checkpointing: bool, router: str, contrastive: float) -> dict:
     }
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("router,contrastive", [("topk", 0.0), ("switch", 0.0), ("topk", 0.1)])
-def test_non_reentrant_checkpointing_changes_nothing(router: str, contrastive: float) -> None:
-    plain, ckpt = _step(False, router, contrastive), _step(True, router, contrastive)
+def test_checkpointing_changes_nothing(router: str, contrastive: float, reentrant: bool) -> None:
+    """Loss, balance losses, every gradient (routers included: the balance losses reach them also when
+    the reentrant variant's first forward ran without autograd) and the statistics equal a plain step."""
+    plain, ckpt = _step(False, router, contrastive), _step(True, router, contrastive, reentrant)
     torch.testing.assert_close(ckpt["loss"], plain["loss"], rtol=1e-6, atol=1e-7)
     assert ckpt["aux"].keys() == plain["aux"].keys()
     for name in plain["aux"]:
@@ -65,14 +68,29 @@ def test_non_reentrant_checkpointing_changes_nothing(router: str, contrastive: f
     assert sum(sum(t) for t in plain["tokens"].values()) > 0
 
 
-def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
-    """The reentrant variant's first forward runs without autograd: the balance losses would lose their
-    gradient (measured: 24 adapter gradients differed), so the forward refuses it."""
-    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.train()
-    with pytest.raises(RuntimeError, match="use_reentrant': False"):
-        model(**tiny_batch("llama", batch=2, seq=5))
-    model.eval()  # without training there is no gradient to lose
-    with torch.no_grad():
-        model(**tiny_batch("llama", batch=2, seq=5))
+def test_reentrant_balance_losses_follow_the_callers_scaling() -> None:
+    """The gradient the balance losses get is the one their term in the caller's loss receives: a loss
+    scaled by 1/4 (gradient accumulation) scales the router gradients by 1/4; a loss without the balance
+    term gives the routers only the task loss's gradient."""
+    grads = {}
+    for reentrant in (False, True):
+        torch.manual_seed(0)
+        model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4, lora_dropout=0.0))
+        randomize_(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        batch = tiny_batch("llama", batch=2, seq=6)
+        model.balance_losses_in_output = False
+        out = model(**batch)
+        (out.loss / 4 + model.weighted_aux_loss() / 4).backward()
+        scaled = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
+        model.zero_grad()
+        model(**batch).loss.backward()  # the task loss alone
+        task_only = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
+        grads[reentrant] = scaled, task_only
+    for plain, ckpt in zip(grads[False], grads[True], strict=True):
+        assert plain.keys() == ckpt.keys() and plain
+        for name in plain:
+            torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
+    scaled, task_only = grads[True]
+    assert any(not torch.allclose(scaled[n] * 4, task_only[n]) for n in scaled)  # the balance term counts
