@@ -59,11 +59,27 @@ class DataSource:
     path: str = field(metadata={"help": "A .jsonl/.json/.csv file of prompt/response or messages records."})
     task: str | None = field(default=None, metadata={"help": "Task name for records without a task field."})
     weight: float = field(default=1.0, metadata={"help": "Sampling weight of this task in the mixture."})
+    only_tasks: list[str] | None = field(
+        default=None, metadata={"help": "Keep only the records of these tasks (e.g. one task per stage)."}
+    )
 
     def __post_init__(self) -> None:
         _require(isinstance(self.path, str) and self.path != "", "path", self.path, "must be a file path")
         _require(self.task is None or isinstance(self.task, str), "task", self.task, "must be a string")
         _require(_is_number(self.weight) and self.weight > 0, "weight", self.weight, "must be a number > 0")
+        only = self.only_tasks
+        ok = only is None or (isinstance(only, list) and bool(only) and all(isinstance(t, str) for t in only))
+        _require(ok, "only_tasks", only, "must be a non-empty list of task names")
+
+    def examples(self) -> list[Example]:
+        """The file's examples (of `only_tasks`, if given)."""
+        examples = load_examples(self.path, default_task=self.task or "default")
+        if self.only_tasks is None:
+            return examples
+        kept = [ex for ex in examples if ex.task in self.only_tasks]
+        if not kept:
+            raise DataError(f"{self.path}: no record of the tasks {self.only_tasks}")
+        return kept
 
 
 @dataclass
@@ -293,7 +309,7 @@ def tasks_from_config(data: DataConfig) -> Tasks:
     train: dict[str, list[Example]] = {}
     weights: dict[str, float] = {}
     for src in data.train:
-        for ex in load_examples(src.path, default_task=src.task or "default"):
+        for ex in src.examples():
             train.setdefault(ex.task, []).append(ex)
             weights[ex.task] = src.weight
     test = held_out_items(data)
@@ -307,7 +323,7 @@ def held_out_items(data: DataConfig) -> dict[str, list[EvalItem]]:
     """The evaluation items of `data.test`, per task (scored on `data.options` where given)."""
     test: dict[str, list[EvalItem]] = {}
     for src in data.test:
-        for ex in load_examples(src.path, default_task=src.task or "default"):
+        for ex in src.examples():
             test.setdefault(ex.task, []).append(EvalItem(ex, tuple(data.options.get(ex.task, ()))))
     return test
 

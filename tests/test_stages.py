@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from moetune import cli
+from moetune.data import DataError
 from moetune.run import ConfigError, load_run_config, trainer_inputs
 from moetune.serialization import read_weights
 from moetune.stages import run_stages, stage_tasks
@@ -196,3 +197,30 @@ def test_cli_stages_then_eval_and_stats_route_by_task(tmp_path, monkeypatch, cap
     assert (tmp_path / "plots" / "task_expert.png").stat().st_size > 0
     tables = capsys.readouterr().out
     assert "sentiment" in tables and "arithmetic" in tables
+
+
+def test_the_example_config_parses_and_splits_tasks_by_stage() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cwd = os.getcwd()
+    os.chdir(root)  # its data paths are relative to the repository
+    try:
+        cfg = load_run_config("examples/continual.yaml")
+        per_stage, test = stage_tasks(cfg)
+    finally:
+        os.chdir(cwd)
+    assert [list(t.train) for t in per_stage] == [["sentiment"], ["arithmetic"]]
+    assert set(test) == {"sentiment", "arithmetic"} and cfg.routes_by_task
+    assert cfg.stages[1].add_experts.task == "arithmetic"
+
+
+def test_only_tasks_errors(tmp_path) -> None:
+    files = toy_files(tmp_path)
+    raw = yaml.safe_load(Path(stages_yaml(tmp_path, files)).read_text())
+    raw["stages"][0]["data"]["train"] = [{"path": files["a_train"], "only_tasks": "sentiment"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"only_tasks='sentiment': must be a non-empty list of task names"):
+        load_run_config(tmp_path / "c.yaml")
+    raw["stages"][0]["data"]["train"] = [{"path": files["a_train"], "only_tasks": ["topic"]}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError, match=r"a_train.jsonl: no record of the tasks \['topic'\]"):
+        stage_tasks(load_run_config(tmp_path / "c.yaml"))
