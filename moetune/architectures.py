@@ -99,6 +99,16 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
+def is_quantized(weight: Tensor) -> bool:
+    """A weight stored quantized: an integer dtype (bitsandbytes' Params4bit, Int8Params) or a tensor
+    subclass over inner tensors (torchao's Int8Tensor, AffineQuantizedTensor, whose dtype is the float
+    dtype they compute in), other than an FSDP2 shard (a DTensor, which has `full_tensor`)."""
+    if not weight.dtype.is_floating_point:
+        return True
+    subclass = type(weight) not in (Tensor, nn.Parameter) and hasattr(weight, "__tensor_flatten__")
+    return subclass and not hasattr(weight, "full_tensor")
+
+
 def find_ffn_spec(module: nn.Module) -> FFNSpec | None:
     return next((spec for spec in FFN_SPECS if spec.matches(module)), None)
 

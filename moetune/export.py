@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moetune.architectures import is_quantized
 from moetune.layers import LoRALinear, MoEFFN, RoutedLayer, TrainableCopy
 from moetune.model import MoEModel
 from moetune.routing import DTYPES
@@ -301,7 +302,8 @@ def check_exportable(model: MoEModel, target: Target, blocks: tuple[int, ...]) -
             f"base {type(base).__name__} (model_type={model_type!r}): {to} export needs a causal LM of "
             f"family {' or '.join(target.sources)}, whose decoder layer {to} shares{hint}"
         )
-    if getattr(config, "quantization_config", None) is not None:
+    quantized = any(is_quantized(p) for p in base.parameters())  # also quantized after loading (torchao)
+    if getattr(config, "quantization_config", None) is not None or quantized:
         raise ExportError(
             "the base model is quantized: LoRA cannot be merged into quantized weights; load the base "
             "unquantized (float32/bf16) for the export"

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moetune.architectures import is_quantized
 from moetune.experts import ExpertMath
 from moetune.layers import Blocks, LoRALinear, MoEFFN, MoELinear, RoutedLayer, TrainableCopy
 
@@ -186,12 +187,13 @@ def _layer_merges(name: str, module: nn.Module, blocks: Blocks, task: int | None
 def _check_merge(name: str, m: _Merge) -> None:
     weight = getattr(m.target, "weight", None)
     d = (m.bank.d_out, m.bank.d_in) if isinstance(m.target, nn.Linear) else (m.bank.d_in, m.bank.d_out)
-    if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point or tuple(weight.shape) != d:
+    if not isinstance(weight, Tensor) or is_quantized(weight) or tuple(weight.shape) != d:
         kind = type(m.target).__name__
-        shown = None if weight is None else (weight.dtype, tuple(weight.shape))
+        shown = None if weight is None else (type(weight).__name__, weight.dtype, tuple(weight.shape))
         raise MergeError(
-            f"{name}: cannot merge into {kind} with weight {shown}: needs a floating-point nn.Linear or "
-            f"Conv1D weight of shape {d} (a quantized base: dequantize it first)"
+            f"{name}: cannot merge into {kind} with weight {shown}: needs an unquantized floating-point "
+            f"nn.Linear or Conv1D weight of shape {d} (a quantized base: load the base unquantized and the "
+            "adapter onto it with MoEModel.from_pretrained, then merge)"
         )
     if not (m.bank.flat_A().isfinite().all() and m.bank.flat_B().isfinite().all()):
         raise MergeError(f"{name}: its LoRA weights hold NaN/inf; nothing was merged")

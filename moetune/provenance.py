@@ -10,6 +10,12 @@ the name, the dtype, the shape, and `SAMPLE` values at evenly spaced flat indice
 (0, (n-1)/(SAMPLE-1), ..., n-1), converted to float64. Buffers (rotary tables, position ids) are
 left out. It detects another model, another layer count or size, a re-initialised or fine-tuned
 base and a base cast to another dtype; a change confined to unsampled values goes unnoticed.
+
+A quantized weight that is a tensor subclass (torchao's `Int8Tensor`, ...) is fingerprinted by what it
+stores, never dequantised: its class name, logical dtype and shape, then for each inner tensor of
+`__tensor_flatten__` (integer data, scales, ...) the same record as a plain tensor. So a quantized base
+differs from its float original (outputs differ too), and the same quantization of the same weights
+gives the same fingerprint. Plain tensors hash exactly as before.
 """
 
 from __future__ import annotations
@@ -65,15 +71,36 @@ def fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in sorted(base_parameters(model), key=lambda item: item[0]):
         t = unshard(p.detach())
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        n = t.numel()
-        if n == 0 or t.device.type == "meta":
-            continue
-        k = min(SAMPLE, n)
-        index = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
-        values = t.reshape(-1)[index.to(t.device)].to("cpu", torch.float64)
-        digest.update(values.numpy().tobytes())
+        stored = stored_tensors(t)
+        if len(stored) != 1 or stored[0][1] is not t:  # a tensor subclass: class and logical shape first
+            digest.update(f"{name}|{type(t).__qualname__}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        for suffix, inner in stored:
+            _digest_sample(digest, name + suffix, inner)
     return "sha256:" + digest.hexdigest()
+
+
+def stored_tensors(t: Tensor) -> list[tuple[str, Tensor]]:
+    """The plain tensors holding `t`'s values as (name suffix, tensor): `[("", t)]` for a plain tensor,
+    the inner tensors of a tensor subclass (`__tensor_flatten__`: a quantized weight's integer data and
+    scales), recursively, without dequantising."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) in (Tensor, nn.Parameter) or flatten is None:
+        return [("", t)]
+    names, _ = flatten()
+    inner = [(n, getattr(t, n)) for n in names]
+    return [(f".{n}{sfx}", s) for n, i in inner if isinstance(i, Tensor) for sfx, s in stored_tensors(i)]
+
+
+def _digest_sample(digest: Any, name: str, t: Tensor) -> None:
+    """Name, dtype, shape and `SAMPLE` evenly spaced values of a plain tensor."""
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    n = t.numel()
+    if n == 0 or t.device.type == "meta":
+        return
+    k = min(SAMPLE, n)
+    index = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+    values = t.reshape(-1)[index.to(t.device)].to("cpu", torch.float64)
+    digest.update(values.numpy().tobytes())
 
 
 def _version(package: str) -> str:

@@ -20,16 +20,19 @@ except ImportError:  # pragma: no cover
 ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
 
 
-def randomize_(model: moetune.MoEModel, seed: int = 0, tie: bool = False) -> None:
-    """Nonzero A and B, spread-out routers; with `tie`, experts 0 and 1 get identical router rows."""
+def randomize_(
+    model: moetune.MoEModel, seed: int = 0, tie: bool = False, lora_std: float = 0.3, router_std: float = 1.0
+) -> None:
+    """Nonzero A and B (N(0, lora_std^2)), spread-out routers (N(0, router_std^2)); with `tie`, experts 0
+    and 1 get identical router rows."""
     g = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoRAExperts):
             for p in [*module.lora_A, *module.lora_B]:
-                p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
+                p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * lora_std
     for _, layer in model.moe_layers():
         for w in layer.router.weight_blocks:  # one block per task
-            w.data = torch.randn(w.shape, generator=g, dtype=w.dtype)
+            w.data = torch.randn(w.shape, generator=g, dtype=w.dtype) * router_std
         if tie:
             w = layer.router.weight_blocks[0]
             w.data[1] = w.data[0]
