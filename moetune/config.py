@@ -20,6 +20,7 @@ from typing import Any
 ROUTERS = ("topk", "topp", "soft", "switch", "threshold")
 EXPERT_TYPES = ("ffn", "linear")
 ROUTER_DTYPES = ("float32", "float64", "bfloat16", "float16")
+ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONTRASTIVE_MODES = ("expert", "survey")
 TASK_ROUTINGS = ("none", "task", "token+task")
 
@@ -80,7 +81,17 @@ class MoEConfig:
     num_shared_experts: int = _f(
         0, "Always-on LoRA experts added to every token (DeepSeekMoE shared / MoCLE universal expert)."
     )
-    router_dtype: str = _f("float32", "Precision of router logits, softmax and top-k, whatever the model's.")
+    router_dtype: str = _f(
+        "float32",
+        "Precision of router logits, softmax and top-k, whatever the model's dtype (also under autocast).",
+    )
+    adapter_dtype: str = _f(
+        "auto",
+        "Storage dtype of the trained LoRA weights (experts, shared experts, attention LoRA). 'auto': fp32 "
+        "master weights over a bf16/fp16 base (peft's autocast_adapter_dtype), the base's dtype over an "
+        "fp32/fp64 one; 'bfloat16' / 'float16' / 'float32': that dtype (half precision halves the adapter's "
+        "weight, gradient and optimizer memory, at the cost of low-precision updates).",
+    )
     router_jitter: float = _f(
         0.0, "Multiplicative U(1-eps, 1+eps) noise on the router input during training; 0 = off."
     )
@@ -138,6 +149,7 @@ class MoEConfig:
         _choice("expert_type", self.expert_type, EXPERT_TYPES)
         _choice("router", self.router, ROUTERS)
         _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _choice("contrastive_mode", self.contrastive_mode, CONTRASTIVE_MODES)
         _choice("task_routing", self.task_routing, TASK_ROUTINGS)
         _check_tasks(self)

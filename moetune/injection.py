@@ -129,7 +129,9 @@ def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPl
         _replace(
             model,
             name,
-            lambda m: LoRALinear(m, cfg.attn_r, cfg.lora_alpha / _attn_div(cfg), cfg.lora_dropout, ctx),
+            lambda m: LoRALinear(
+                m, cfg.attn_r, cfg.lora_alpha / _attn_div(cfg), cfg.lora_dropout, ctx, cfg.adapter_dtype
+            ),
         )
     for name, spec in todo.ffn.items():
         E = todo.experts[name]

@@ -28,7 +28,7 @@ from moetune.architectures import FFNSpec, linear_dims
 from moetune.checkpointing import AuxTap, attach_losses
 from moetune.config import MoEConfig
 from moetune.experts import DenseSlots, ExpertMath, GroupedSlots, LoRAExperts, has_grouped_mm
-from moetune.routing import Router, Routing
+from moetune.routing import DTYPES, Router, Routing
 from moetune.stats import accumulate_stats
 
 Blocks = tuple[int, ...] | None  # task blocks whose experts a token may use; None = every expert
@@ -278,7 +278,7 @@ class MoEFFN(RoutedLayer):
                     *linear_dims(getattr(base_layer, p)),
                     cfg.r,
                     cfg.scaling,
-                    dtype=_adapter_dtype(weight),
+                    dtype=_adapter_dtype(weight, cfg.adapter_dtype),
                     device=weight.device,
                 )
                 for p in targets
@@ -427,7 +427,7 @@ class MoELinear(RoutedLayer):
             d_out,
             cfg.r,
             cfg.scaling,
-            dtype=_adapter_dtype(base_layer.weight),
+            dtype=_adapter_dtype(base_layer.weight, cfg.adapter_dtype),
             device=base_layer.weight.device,
         )
 
@@ -470,13 +470,20 @@ class LoRALinear(nn.Module):
     """Plain LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + s B A dropout(x)."""
 
     def __init__(
-        self, base_layer: nn.Module, r: int, scaling: float, dropout: float, ctx: RoutingContext
+        self,
+        base_layer: nn.Module,
+        r: int,
+        scaling: float,
+        dropout: float,
+        ctx: RoutingContext,
+        adapter_dtype: str = "auto",
     ) -> None:
         super().__init__()
         self.base_layer, self.ctx = base_layer, ctx
         d_in, d_out = linear_dims(base_layer)
         w = base_layer.weight
-        self.lora = LoRAExperts(1, d_in, d_out, r, scaling, dtype=_adapter_dtype(w), device=w.device)
+        dtype = _adapter_dtype(w, adapter_dtype)
+        self.lora = LoRAExperts(1, d_in, d_out, r, scaling, dtype=dtype, device=w.device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -501,6 +508,9 @@ class TrainableCopy(nn.Module):
         return (self.trained if self.ctx.now().adapter_enabled else self.original)(*args, **kwargs)
 
 
-def _adapter_dtype(base_weight: Tensor) -> torch.dtype:
-    """Adapters keep fp32 master weights over low-precision bases (as peft's autocast_adapter_dtype)."""
+def _adapter_dtype(base_weight: Tensor, setting: str = "auto") -> torch.dtype:
+    """The LoRA weights' dtype (`MoEConfig.adapter_dtype`). "auto": fp32 master weights over low-precision
+    bases (as peft's autocast_adapter_dtype=True), the base's dtype over fp32/fp64 ones; else the named."""
+    if setting != "auto":
+        return DTYPES[setting]
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32

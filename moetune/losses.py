@@ -9,17 +9,35 @@ Conventions shared by the router losses:
   Padding rows are dropped (boolean indexing) *before* any arithmetic, so they may hold anything
   (±1e30, inf, nan): the value and gradients are exactly those of the real rows alone, and padding rows
   get a zero gradient.
-* float16/bfloat16 inputs are computed in float32; float32 and float64 are kept.
+* float16/bfloat16 inputs are computed in float32; float32 and float64 are kept, also under
+  torch.autocast (turned off inside each loss: its einsum/matmul would run in bf16/fp16).
 * With no real token (or no valid term) the result is a zero that is still connected to the graph.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moetune.routing import no_autocast
+
 CONTRASTIVE_MODES = ("expert", "survey")
+
+
+def _without_autocast(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The loss computed with torch.autocast off on the device of its first tensor argument."""
+
+    @functools.wraps(loss)
+    def wrapped(*args, **kwargs) -> Tensor:
+        first = next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+        with no_autocast(first.device):
+            return loss(*args, **kwargs)
+
+    return wrapped
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -36,6 +54,7 @@ def _real_rows(x: Tensor, mask: Tensor | None, lead: torch.Size) -> Tensor:
     return x[mask.reshape(-1).bool()]  # (N, ...)
 
 
+@_without_autocast
 def switch_aux_loss(
     logits: Tensor, top_k: int, mask: Tensor | None = None, selected: Tensor | None = None
 ) -> Tensor:
@@ -82,6 +101,7 @@ def switch_aux_loss(
     return E * (f * P).sum()
 
 
+@_without_autocast
 def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Router z-loss (Zoph et al. 2022, "ST-MoE", eq. 5): ``mean_t (logsumexp_i z_{t,i})^2`` over real t."""
     x = _upcast(_real_rows(logits, mask, logits.shape[:-1]))  # (N, E)
@@ -90,6 +110,7 @@ def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     return x.logsumexp(dim=-1).square().mean()
 
 
+@_without_autocast
 def importance_loss(
     logits: Tensor, top_k: int | None = None, mask: Tensor | None = None, gates: Tensor | None = None
 ) -> Tensor:
@@ -126,6 +147,7 @@ def _cosine_unit(o: Tensor, eps: float) -> Tensor:
     return o * (o.square().sum(dim=-1, keepdim=True) + eps).rsqrt()
 
 
+@_without_autocast
 def contrastive_loss(
     expert_outputs: Tensor,
     active: Tensor,

@@ -25,7 +25,8 @@ Task routing (`task_routing`): every task has a learned embedding e_task (d_in,)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,17 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+@contextmanager
+def no_autocast(device: torch.device) -> Iterator[None]:
+    """torch.autocast off on `device` for the block: under autocast F.linear, matmul and einsum run in
+    bf16/fp16 whatever their inputs' dtype, which would undo an fp32 router (survey §3.1) or loss."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. "meta": no autocast to turn off
+        yield
+        return
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 class Router(nn.Module):
@@ -254,6 +266,26 @@ class Router(nn.Module):
         routing = "" if self.task_routing == "none" else f", task_routing={self.task_routing}"
         return f"kind={self.kind}, num_experts={self.num_experts}, dtype={self.dtype}{routing}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Router:
+        """Device moves apply; dtype casts of an enclosing model (`model.to(torch.bfloat16)`, `.half()`,
+        transformers' `bf16_full_eval`) do not: the router's weights keep their dtype (fp32, or fp64 with
+        router_dtype="float64") and its running counts stay float64 (bf16 counts are inexact past 256)."""
+        before = {name: t.dtype for name, t in [*self.named_parameters(), *self.named_buffers()]}
+        super()._apply(fn, recurse)
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            dtype = before.get(name, t.dtype)
+            if t.dtype == dtype:
+                continue
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                t.data = t.data.to(dtype)  # the same Parameter object: optimizers keep referring to it
+                if t.grad is not None:
+                    t.grad = t.grad.to(dtype)
+            else:
+                owner._buffers[leaf] = t.to(dtype)
+        return self
+
     def forward(
         self,
         x_TD: Tensor,
@@ -263,7 +295,13 @@ class Router(nn.Module):
         task: int | None = None,
     ) -> Routing:
         """Route T tokens among the experts of the task `blocks` (None: every expert); `task`: the tokens'
-        task index, which task routing needs."""
+        task index, which task routing needs. Computed in `router_dtype`, also under torch.autocast."""
+        with no_autocast(x_TD.device):
+            return self._route(x_TD, mask_T, use_bias, blocks, task)
+
+    def _route(
+        self, x_TD: Tensor, mask_T: Tensor, use_bias: bool, blocks: tuple[int, ...] | None, task: int | None
+    ) -> Routing:
         x_TD = x_TD.to(self.dtype)
         if self.task_routing != "none":
             if task is None:
