@@ -20,6 +20,7 @@ gives the same fingerprint. Plain tensors hash exactly as before.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from collections.abc import Iterator
@@ -70,6 +71,7 @@ def fingerprint(model: nn.Module) -> str:
     """`sha256:<hex>` of the base parameters' names, dtypes, shapes and sampled values (module docstring)."""
     digest = hashlib.sha256()
     for name, p in sorted(base_parameters(model), key=lambda item: item[0]):
+        p = _saved_layout(p)
         t = unshard(p.detach())
         stored = stored_tensors(t)
         if len(stored) != 1 or stored[0][1] is not t:  # a tensor subclass: class and logical shape first
@@ -77,6 +79,20 @@ def fingerprint(model: nn.Module) -> str:
         for suffix, inner in stored:
             _digest_sample(digest, name + suffix, inner)
     return "sha256:" + digest.hexdigest()
+
+
+def _saved_layout(p: Tensor) -> Tensor:
+    """A bitsandbytes 4-bit weight in the layout it is saved and loaded in. bitsandbytes (0.49+) repacks
+    it in place for its CPU kernel at the first inference forward (`quant_state.packing_format_for_cpu`);
+    this undoes that on a copy (a lossless reordering of the packed bytes, with bitsandbytes' own inverse),
+    so the fingerprint does not depend on whether such a forward ran."""
+    state = getattr(p, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return p
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    data, _ = _convert_weight_packed_for_cpu_inverse(p.detach().clone(), copy.copy(state))
+    return data
 
 
 def stored_tensors(t: Tensor) -> list[tuple[str, Tensor]]:

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,10 +55,22 @@ def adapter_state_dict(model: MoEModel) -> dict[str, Tensor]:
     Under FSDP2 the sharded tensors are gathered whole: a collective, so every rank must call it."""
     state = {}
     for name, module in model.adapter_modules():
-        for key, tensor in module.state_dict().items():
-            if not key.startswith(BASE_PREFIXES) and ".base_layer." not in key:
+        for key, tensor in _wrapper_state(module):
+            if ".base_layer." not in key:
                 state[f"{name}.{key}"] = provenance.unshard(tensor)
     return state
+
+
+def _wrapper_state(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """`module.state_dict(keep_vars=True)` items less the frozen module it wraps (`BASE_PREFIXES`), whose
+    `state_dict` is never called: it may change the base (bitsandbytes 0.50 on CPU unpacks a 4-bit weight
+    that an inference forward repacked, in place and not exactly)."""
+    yield from ((k, t) for k, t in module._parameters.items() if t is not None)
+    persistent = module._buffers.keys() - module._non_persistent_buffers_set
+    yield from ((k, t) for k, t in module._buffers.items() if t is not None and k in persistent)
+    for name, child in module.named_children():
+        if f"{name}." not in BASE_PREFIXES:
+            yield from child.state_dict(prefix=f"{name}.", keep_vars=True).items()
 
 
 def tensor_sha256(tensor: Tensor) -> str:
