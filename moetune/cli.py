@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import sys
@@ -135,8 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Optional libraries that announce themselves when transformers imports them (torchao: "Failed to load"
+# its GPU-only kernels on a CPU machine; bitsandbytes: kernels it would download; torch's pytree: notes
+# on torchao's enums). The command's own errors are one line: from these loggers only errors get through.
+QUIET_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input, 1 NaN/inf in training, 130 interrupted (Ctrl-C)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
 
