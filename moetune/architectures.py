@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from moetune import sharding
+
 
 @dataclass(frozen=True)
 class FFNSpec:
@@ -95,7 +97,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear-like module."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    d_in, d_out = module.weight.shape  # Conv1D stores (in, out)
+    d_in, d_out = sharding.full_shape(module.weight)  # Conv1D stores (in, out)
     return d_in, d_out
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moetune import sharding
 from moetune.architectures import FFNSpec, linear_dims
 from moetune.checkpointing import AuxTap, attach_losses
 from moetune.config import MoEConfig
@@ -501,7 +502,8 @@ class TrainableCopy(nn.Module):
     def __init__(self, original: nn.Module, ctx: RoutingContext) -> None:
         super().__init__()
         self.original, self.ctx = original, ctx
-        self.trained = copy.deepcopy(original)
+        with sharding.gathered(original.parameters()):  # a base partitioned by ZeRO-3's zero.Init
+            self.trained = copy.deepcopy(original)
         self.trained.requires_grad_(True)
 
     def forward(self, *args, **kwargs):

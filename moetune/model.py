@@ -442,11 +442,15 @@ class MoEModel(nn.Module):
             self._ctx.token_mask, self._ctx.sample_tasks = None, None
 
     # ---- saving ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Adapter only: `moetune_config.json` and `moetune_model.safetensors`."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, **_: Any
+    ) -> None:
+        """Adapter only: `moetune_config.json` and `moetune_model.safetensors`. A model sharded by FSDP2 or
+        DeepSpeed ZeRO-3 is gathered first: every rank must call this; those with `is_main_process`
+        (transformers' name) write the files."""
         from moetune.serialization import save_adapter
 
-        save_adapter(self, save_directory)
+        save_adapter(self, save_directory, write=is_main_process)
 
     @classmethod
     def from_pretrained(

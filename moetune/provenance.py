@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moetune import sharding
 from moetune.layers import LoRALinear, RoutedLayer, TrainableCopy
 
 SAMPLE = 16  # values sampled per tensor
@@ -61,10 +62,9 @@ def base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 def unshard(tensor: Tensor) -> Tensor:
-    """The whole tensor of an FSDP2-sharded parameter (a DTensor; gathering it is a collective that every
-    rank must call in the same order), any other tensor as it is."""
-    full = getattr(tensor, "full_tensor", None)  # torch.distributed.tensor.DTensor
-    return full() if callable(full) else tensor
+    """The whole tensor of a parameter sharded by FSDP2 or DeepSpeed ZeRO-3 (gathering it is a collective
+    that every rank must call in the same order), any other tensor as it is (`moetune.sharding`)."""
+    return sharding.full_tensor(tensor)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -72,7 +72,7 @@ def fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in sorted(base_parameters(model), key=lambda item: item[0]):
         p = _saved_layout(p)
-        t = unshard(p.detach())
+        t = unshard(p).detach()  # the parameter itself: a detached ZeRO-3 one loses its `ds_*`
         stored = stored_tensors(t)
         if len(stored) != 1 or stored[0][1] is not t:  # a tensor subclass: class and logical shape first
             digest.update(f"{name}|{type(t).__qualname__}|{t.dtype}|{tuple(t.shape)}\n".encode())

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetune.sharding import full_shape
+
 
 @dataclass
 class Routing:
@@ -223,13 +225,13 @@ class Router(nn.Module):
         """(first expert, count) of each task block in `blocks` (None: all), in block order."""
         starts = [0]
         for w in self.weight_blocks:
-            starts.append(starts[-1] + w.shape[0])
+            starts.append(starts[-1] + full_shape(w)[0])
         chosen = range(len(self.weight_blocks)) if blocks is None else blocks
         return [(starts[b], starts[b + 1] - starts[b]) for b in chosen]
 
     def trainable_experts(self) -> Tensor:
         """(E,) bool: the expert's router rows train (its bias may move at the optimizer step)."""
-        flags = [torch.full((w.shape[0],), w.requires_grad) for w in self.weight_blocks]
+        flags = [torch.full((full_shape(w)[0],), w.requires_grad) for w in self.weight_blocks]
         return torch.cat(flags).to(self.expert_bias.device)
 
     @staticmethod
@@ -254,7 +256,7 @@ class Router(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return sum(w.shape[0] for w in self.weight_blocks)
+        return sum(full_shape(w)[0] for w in self.weight_blocks)  # also partitioned by ZeRO-3
 
     @property
     def weight(self) -> Tensor:

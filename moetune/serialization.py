@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moetune import provenance
+from moetune import provenance, sharding
 from moetune.config import CONFIG_NAME, MoEConfig
 from moetune.injection import eject
 
@@ -52,12 +52,18 @@ class AdapterError(ValueError):
 def adapter_state_dict(model: MoEModel) -> dict[str, Tensor]:
     """Every tensor moetune added (experts, routers, their bias, LoRA, trained copies), by full name.
 
-    Under FSDP2 the sharded tensors are gathered whole: a collective, so every rank must call it."""
+    Under FSDP2 or DeepSpeed ZeRO-3 the sharded tensors are gathered whole (copies): a collective, so
+    every rank must call it. Unsharded tensors are the model's own (detached, sharing storage)."""
+    return sharding.full_tensors(_adapter_tensors(model))
+
+
+def _adapter_tensors(model: MoEModel) -> dict[str, Tensor]:
+    """The adapter's parameters and buffers themselves (sharded ones as they are), by full name."""
     state = {}
     for name, module in model.adapter_modules():
         for key, tensor in _wrapper_state(module):
             if ".base_layer." not in key:
-                state[f"{name}.{key}"] = provenance.unshard(tensor)
+                state[f"{name}.{key}"] = tensor
     return state
 
 
@@ -117,12 +123,15 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
-def save_adapter(model: MoEModel, directory: str | os.PathLike) -> None:
-    """Replace the adapter in `directory` atomically (see the module docstring)."""
+def save_adapter(model: MoEModel, directory: str | os.PathLike, write: bool = True) -> None:
+    """Replace the adapter in `directory` atomically (see the module docstring). A sharded model is
+    gathered first, on every rank (a collective); only ranks with `write` write the files."""
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     record = model.moe_config.to_dict() | provenance.describe(model.base_model)
+    if not write:
+        return
+    os.makedirs(directory, exist_ok=True)
     text = json.dumps(record, indent=2, sort_keys=True)
     metadata = {
         "format": "pt",
@@ -261,6 +270,7 @@ def _copy_checked(model: MoEModel, saved: dict[str, Tensor], weights: str) -> No
                 f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but this base model needs "
                 f"{tuple(expected[key].shape)}; was the adapter trained on another base model?"
             )
-    with torch.no_grad():
+    targets = _adapter_tensors(model)
+    with sharding.gathered(targets.values(), modify=True):  # ZeRO-3: written whole, partitioned again
         for key, tensor in saved.items():
-            expected[key].copy_(tensor)
+            sharding.copy_full(targets[key], tensor)  # an FSDP2 shard takes its piece

@@ -29,6 +29,11 @@ Data parallelism (DDP through torchrun or accelerate), per rank and global:
   buffer broadcast skips the routers' running counts (`MoEModel._ddp_params_and_buffers_to_ignore`).
 Tested with 2 processes (gloo, CPU) in tests/test_distributed.py.
 
+FSDP and DeepSpeed: `save_model` (checkpoints included) gathers the adapter alone on every rank and the
+main process writes it, instead of the Trainer's whole-model state dict (or ZeRO-3's empty shards);
+resuming under FSDP2 loads the adapter into each rank's shards. DeepSpeed resumes from its own
+checkpoint (`global_step*/`). Tested under ZeRO-2/3 with 2 CPU processes in tests/test_deepspeed.py.
+
 Use `MoETrainer` as a drop-in Trainer, or mix into TRL: `class MoESFTTrainer(MoETrainerMixin, SFTTrainer)`.
 For DPO use `moetune.dpo.MoEDPOTrainer` (needs `trl`): its reference model is the frozen base, obtained
 by running the policy inside `disable_adapter()` (`DisabledAdapterReference`), never a copy of the base:
@@ -291,12 +296,27 @@ class MoETrainerMixin:
                 use_mtime=True,
             )
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP or DeepSpeed the Trainer would gather the whole model (base included) to rank 0,
+        or with ZeRO-3 (without `stage3_gather_16bit_weights_on_model_save`) save its empty shards: the
+        adapter alone is gathered instead, on every rank (a collective), and the main process writes it."""
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            super().save_model(output_dir, _internal_call)
+            return
+        self._save(output_dir, sharded=True)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict | None = None, sharded: bool = False
+    ) -> None:
+        """The adapter (+ tokenizer, training args); `sharded`: every rank calls it (see `save_model`)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not (self.args.should_save or sharded):
+            return
+        unwrap_moe(self.model).save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        unwrap_moe(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

@@ -13,6 +13,13 @@ Everything that could differ between ranks or between world sizes is fixed: the 
 initialised from one seed, dropout and router jitter are 0 (no per-rank randomness), and the data
 order is sequential (see `train`).
 
+`--deepspeed` trains through MoETrainer under DeepSpeed (CPU accelerator, gloo): each SPEC is prefixed
+with the ZeRO stage, `2/plain:2:1:0` or `3/plain:2:1:0`; the run directory is `zero<stage>-...`. ZeRO-3
+loads the base with `from_pretrained` inside DeepSpeed's `zero.Init` (partitioned before moetune injects
+its layers) and keeps no parameter whole (`stage3_param_persistence_threshold: 0`). Besides the files
+above: the adapter written by `trainer.save_model` (`trainer-save/`, main process only), and with
+`resume` in the case name (`3/resume-plain:2:1:0`) a second run resumed from the checkpoint of step 3.
+
 `--fsdp` shards the model with FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per decoder layer
 and one at the root) and trains it in a plain loop (`train_fsdp`) with the Trainer's arithmetic: the
 Trainer's `fsdp` option does not shard on CPU (accelerate 1.15 keeps the FSDP plugin only for
@@ -21,19 +28,25 @@ accelerator devices; on CPU it silently falls back to DDP), so it cannot test FS
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.state import AcceleratorState
 from datasets import Dataset
-from transformers import TrainingArguments
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.` and `moetune` as a script
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `tests.` and `moetune` as a script
 
 import moetune  # noqa: E402
+from moetune.serialization import WEIGHTS_NAME, adapter_state_dict, load_adapter_weights  # noqa: E402
 from moetune.training import MoETrainer  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
@@ -61,12 +74,45 @@ def dataset() -> Dataset:
     )
 
 
-def train(out: Path, case: str, per_device: int, grad_accum: int, log_steps: int) -> None:
-    distributed = "LOCAL_RANK" in os.environ  # launched by torchrun
-    torch.manual_seed(1)  # the adapter's initialisation: the same on every rank and in every world size
-    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**CASES[case]))
-    target = out / f"rank{int(os.environ.get('RANK', 0))}"
-    model.save_pretrained(target / "init")
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """examples/deepspeed/zero<stage>.json (batch sizes, clipping and precision from the TrainingArguments;
+    no `optimizer` section, so the Trainer builds MoETrainer's optimizer with its router group), with
+    ZeRO-3 keeping no parameter whole, however small (the tiny model's would all stay whole)."""
+    config = json.loads((ROOT / "examples" / "deepspeed" / f"zero{stage}.json").read_text())
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config
+
+
+def _init_deepspeed(cuda: bool) -> None:
+    """DeepSpeed's distributed layer up before `zero.Init` reads the world size; on CPU with gloo alone,
+    without the shared-memory all-reduce op it would compile first (~2 minutes)."""
+    import deepspeed
+    import deepspeed.comm.torch
+
+    if not cuda:
+        deepspeed.comm.torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+
+
+def train(
+    out: Path,
+    case: str,
+    per_device: int,
+    grad_accum: int,
+    log_steps: int,
+    zero_stage: int = 0,
+    cuda: bool = False,
+) -> None:
+    """One run of MoETrainer (DDP under torchrun; FSDP when `accelerate launch` says so; DeepSpeed with
+    `zero_stage`), on the CPU with gloo or on the GPU (`cuda`)."""
+    distributed = "LOCAL_RANK" in os.environ  # launched by torchrun or accelerate
+    rank = int(os.environ.get("RANK", 0))
+    target = out / f"rank{rank}"
+    resume = case.startswith("resume-")
+    case = case.removeprefix("resume-")
+    if zero_stage:
+        _init_deepspeed(cuda)
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         # The global batch is the same by construction: a sequential sampler, and accelerate shards
@@ -92,24 +138,74 @@ def train(out: Path, case: str, per_device: int, grad_accum: int, log_steps: int
         # a log resets the routing statistics; without one they cover the whole run
         logging_strategy="steps" if log_steps else "no",
         logging_steps=log_steps or 500,
-        save_strategy="no",
+        save_strategy="steps" if resume else "no",
+        save_steps=3,
         report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if distributed else None,  # "gloo" without torchrun: a 1-process "group" fails
+        use_cpu=not cuda,
+        # CPU: "gloo" under torchrun (without it, a 1-process "group" fails); GPU: nccl
+        ddp_backend="gloo" if distributed and not cuda else None,
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        deepspeed=deepspeed_config(zero_stage) if zero_stage else None,
     )
-    trainer = MoETrainer(model=model, args=args, train_dataset=dataset())
+    model, trainer = _model_and_trainer(case, args, target, zero_stage)
     trainer.train()
+    run: dict[str, Any] = {}
+    if zero_stage or trainer.is_fsdp_enabled:
+        trainer.save_model(str(out / "trainer-save"))  # every rank: the adapter is gathered
+        run["local_fraction"] = _zero_local_fraction(model)
+        run["wrapped"] = type(trainer.model_wrapped).__name__  # DeepSpeedEngine, FSDPMoEModel
+    if resume:  # again from the complete checkpoint of step 3: the DeepSpeed engine state comes back
+        torch.distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(Path(args.output_dir) / "checkpoint-5")
+        torch.distributed.barrier()
+        model, trainer = _model_and_trainer(case, args, None, zero_stage)
+        trainer.train(resume_from_checkpoint=True)
+        run["resumed_steps"] = trainer.state.global_step - 3
     model.save_pretrained(target)
-    run = {
+    run |= {
         "world_size": args.world_size,
         "steps": trainer.state.global_step,
         "logs": [log for log in trainer.state.log_history if "loss" in log],  # the step logs
         "routing": model.routing_stats(),  # all-reduced: a collective call on every rank
     }
     (target / "run.json").write_text(json.dumps(run))
+
+
+def _model_and_trainer(
+    case: str, args: TrainingArguments, target: Path | None, zero_stage: int
+) -> tuple[moetune.MoEModel, MoETrainer]:
+    """The tiny llama with the case's adapter (its state before training saved to `target/init`)."""
+    base = tiny_model("llama")
+    if zero_stage == 3:  # partitioned while it loads (DeepSpeed's zero.Init, as transformers does it)
+        base_dir = Path(args.output_dir).parent / "base"
+        base.save_pretrained(base_dir)  # written by rank 0 alone (transformers' rule under torch.distributed)
+        torch.distributed.barrier()
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        assert base.model.layers[0].mlp.up_proj.weight.numel() == 0, "zero.Init did not partition the base"
+    torch.manual_seed(1)  # the adapter's initialisation: the same on every rank and in every world size
+    model = moetune.get_moe_model(base, moetune.MoEConfig(**CASES[case]))
+    if target is not None:
+        model.save_pretrained(target / "init")
+    if zero_stage:  # accelerate takes a DeepSpeed plugin only in the process's first Accelerator
+        AcceleratorState._reset_state()
+    return model, MoETrainer(model=model, args=args, train_dataset=dataset())
+
+
+def _zero_local_fraction(model: moetune.MoEModel) -> float:
+    """Of the trained elements, the fraction this rank holds (ZeRO-3: its partitions; FSDP2: its shards)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    local = sum(
+        p.ds_tensor.numel()
+        if hasattr(p, "ds_tensor")
+        else p.to_local().numel()
+        if hasattr(p, "to_local")
+        else p.numel()
+        for p in trained
+    )
+    return local / sum(getattr(p, "ds_numel", p.numel()) for p in trained)
 
 
 def train_fsdp(out: Path, case: str, per_device: int, grad_accum: int, log_steps: int) -> None:
@@ -151,11 +247,17 @@ def train_fsdp(out: Path, case: str, per_device: int, grad_accum: int, log_steps
     trained = [p for p in model.parameters() if p.requires_grad]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trained)
     model.save_pretrained(target)  # gathers the sharded adapter tensors: a collective on every rank
+    routing = model.routing_stats()
+    # loading into the sharded model (as MoETrainer resumes): each rank's shards take the saved values
+    load_adapter_weights(model, target / "init")
+    init = load_file(str(target / "init" / WEIGHTS_NAME))
+    reloaded = adapter_state_dict(model)  # gathered again
     run = {
         "world_size": world,
         "steps": steps,
         "logs": [],
-        "routing": model.routing_stats(),
+        "routing": routing,
+        "reload_equals_init": all(torch.equal(reloaded[k], init[k]) for k in init),
         "class": type(model).__name__,  # FSDPMoEModel: fully_shard swaps the class, no wrapper module
         "local_fraction": local / sum(p.numel() for p in trained),  # of the trained elements on this rank
     }
@@ -163,12 +265,23 @@ def train_fsdp(out: Path, case: str, per_device: int, grad_accum: int, log_steps
 
 
 def main(argv: list[str]) -> None:
-    fsdp = argv[0] == "--fsdp"
-    out, specs = Path(argv[int(fsdp)]), argv[int(fsdp) + 1 :]
-    for spec in specs:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 in a plain loop (no Trainer)")
+    parser.add_argument("--deepspeed", action="store_true", help="SPECs start with the ZeRO stage: 3/...")
+    parser.add_argument("--cuda", action="store_true", help="on the GPU (default: CPU, gloo)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("specs", nargs="+", metavar="SPEC")
+    opts = parser.parse_args(argv)
+    for spec in opts.specs:
+        stage, spec = spec.split("/") if opts.deepspeed else ("0", spec)
         case, per_device, grad_accum, log_steps = spec.split(":")
-        run_dir = out / f"{case}-b{per_device}-ga{grad_accum}-log{log_steps}"
-        (train_fsdp if fsdp else train)(run_dir, case, int(per_device), int(grad_accum), int(log_steps))
+        name = f"{case}-b{per_device}-ga{grad_accum}-log{log_steps}"
+        numbers = int(per_device), int(grad_accum), int(log_steps)
+        if opts.fsdp:
+            train_fsdp(opts.out / name, case, *numbers)
+        else:
+            run_dir = opts.out / (f"zero{stage}-{name}" if opts.deepspeed else name)
+            train(run_dir, case, *numbers, zero_stage=int(stage), cuda=opts.cuda)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -73,12 +73,12 @@ DIST_ENV_PREFIXES = (
 )
 
 
-def _torchrun(worker_args: list[str]) -> None:
+def _torchrun(worker_args: list[str], env: dict[str, str] | None = None) -> None:
     """`ddp_worker.py` under torchrun, 2 processes, in a clean environment (no rank variables inherited
     from the test process). One retry when a rank dies in C++ shutdown ("terminate called without an
     active exception", seen rarely under load after training finished): the rerun overwrites its files."""
     keep = {k: v for k, v in os.environ.items() if not k.startswith(DIST_ENV_PREFIXES)}
-    env = keep | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = keep | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     cmd += [str(ROOT / "tests" / "ddp_worker.py"), *worker_args]
     for attempt in range(2):
@@ -214,6 +214,7 @@ def test_fsdp_two_processes_equal_one_process(fsdp_runs, runs) -> None:
     diff = _max_diff(r0["adapter"], single["adapter"])
     assert diff <= ATOL, diff
     assert _max_diff(r0["adapter"], r0["init"]) > 1e-2  # training moved the adapter
+    assert r0["run"]["reload_equals_init"] and r1["run"]["reload_equals_init"]  # loading into the shards
 
 
 def test_fsdp_saved_adapter_loads(fsdp_runs) -> None:
