@@ -1,0 +1,180 @@
+"""Tests that need a CUDA GPU (pytest marker `cuda`); without one they are skipped.
+
+    python -m pytest -m cuda              # or `bash benchmarks/gpu_check.sh`, which also times a step
+
+- The fast expert paths equal the slow per-expert reference on the GPU, in float32 and bf16, for `ffn`
+  experts (dense, and grouped: `torch._grouped_mm` takes its CUTLASS kernel for bf16 on sm90 or newer and
+  a loop of GEMMs otherwise) and `linear` experts.
+- A few steps through MoETrainer with `bf16=True` (autocast): finite losses, the adapter moves, the
+  routers stay float32.
+- FSDP2 through `accelerate launch` with examples/accelerate/fsdp2.yaml, and DeepSpeed ZeRO-2/3 with
+  examples/deepspeed/zero{2,3}.json under torchrun (skipped without deepspeed), each on one GPU (one
+  process: the code paths, not the communication, which tests/test_distributed.py and
+  tests/test_deepspeed.py check with 2 CPU processes): 5 steps of tests/ddp_worker.py, the adapter
+  saved by `trainer.save_model`, a resume from the checkpoint of step 3, all equal to the same run on
+  the CPU without sharding (1e-4: GPU and CPU kernels round differently; a mis-scaled loss is ~1e-2 off).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+import moetune
+from moetune.serialization import WEIGHTS_NAME, adapter_state_dict
+from moetune.training import MoETrainer
+from tests import ddp_worker
+from tests.test_distributed import DIST_ENV_PREFIXES, _max_diff
+from tests.test_equivalence import _max_rel_error, randomize_, run
+from tests.tiny_models import tiny_batch, tiny_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`pytest -m cuda` on one)"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_ATOL = 1e-4
+
+# (base dtype, adapter dtype, expert type, ffn dispatch)
+PATHS = [
+    (torch.float32, "auto", "ffn", "dense"),
+    (torch.float32, "auto", "ffn", "grouped"),  # float32: torch's loop of GEMMs
+    (torch.float32, "auto", "linear", "dense"),
+    (torch.bfloat16, "auto", "ffn", "dense"),  # float32 adapters over a bf16 base
+    (torch.bfloat16, "bfloat16", "ffn", "grouped"),  # the bf16 grouped GEMM kernel (sm90+)
+    (torch.bfloat16, "auto", "linear", "dense"),
+]
+
+
+@pytest.mark.parametrize(("base_dtype", "adapter_dtype", "expert_type", "dispatch"), PATHS, ids=str)
+def test_fast_path_equals_reference_on_cuda(
+    base_dtype: torch.dtype, adapter_dtype: str, expert_type: str, dispatch: str
+) -> None:
+    """Outputs and every gradient within 1e-4 (float32) or 5e-2 (bf16) of their largest value; the
+    adapter moves the logits by far more. bf16 uses the soft router: two paths that round differently
+    could otherwise pick different experts for a token whose k-th and (k+1)-th logits nearly tie."""
+    bf16 = base_dtype == torch.bfloat16
+    cfg = moetune.MoEConfig(
+        expert_type=expert_type,
+        router="soft" if bf16 else "topk",
+        num_experts=4,
+        top_k=2,
+        r=8,  # rows of 16 bytes or more: the grouped GEMM's alignment
+        lora_dropout=0.0,
+        adapter_dtype=adapter_dtype,
+    )
+    model = moetune.get_moe_model(tiny_model("llama", dtype=base_dtype), cfg)
+    randomize_(model)
+    model.to("cuda")
+    model._ctx.dispatch = dispatch
+    if expert_type == "ffn":
+        assert all(layer.uses_grouped() == (dispatch == "grouped") for _, layer in model.moe_layers())
+    batch = {k: v.cuda() for k, v in tiny_batch("llama", batch=3, seq=9).items()}
+    fast_out, fast_grads = run(model, batch, reference=False)
+    ref_out, ref_grads = run(model, batch, reference=True)
+    with torch.no_grad(), model.disable_adapter():
+        base_out = model(**batch).logits.float()
+    assert fast_out.device.type == "cuda" and fast_grads.keys() == ref_grads.keys()
+    fast = {"logits": fast_out.float(), **{k: g.float() for k, g in fast_grads.items()}}
+    ref = {"logits": ref_out.float(), **{k: g.float() for k, g in ref_grads.items()}}
+    tol = 5e-2 if bf16 else 1e-4
+    assert _max_rel_error(fast, ref) < tol
+    assert _max_rel_error({"logits": base_out}, {"logits": ref["logits"]}) > 10 * tol
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps its device in a process-wide state: a GPU Trainer after CPU ones (use_cpu=True)
+    would run on the CPU. Reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_trainer_bf16_steps_on_cuda(tmp_path: Path, fresh_accelerate) -> None:
+    model = moetune.get_moe_model(
+        tiny_model("llama"), moetune.MoEConfig(num_experts=4, r=8, lora_dropout=0.0, attn_r=4)
+    )
+    init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        bf16=True,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(model=model, args=args, train_dataset=ddp_worker.dataset())
+    trainer.train()
+    assert next(model.parameters()).device.type == "cuda"
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    assert all(math.isfinite(log["loss"]) and math.isfinite(log["moe/aux_loss"]) for log in logs)
+    trained = adapter_state_dict(model)
+    assert _max_diff({k: v.cpu() for k, v in trained.items()}, init) > 1e-3
+    routers = [k for k in trained if ".router.weight_blocks." in k]
+    assert routers and all(trained[k].dtype == torch.float32 for k in routers)
+    batch = {k: v.cuda() for k, v in tiny_batch("llama").items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch)
+    assert all(v.dtype == torch.float32 for v in model.aux_losses().values())  # fp32 router math
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> None:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(DIST_ENV_PREFIXES)}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=keep | {"HF_HUB_OFFLINE": "1"} | env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, f"{cmd[:6]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The adapter after tests/ddp_worker.py's `plain:4:1:0` run in this process on the CPU."""
+    out = tmp_path_factory.mktemp("cpu")
+    ddp_worker.main([str(out), "plain:4:1:0"])
+    return load_file(str(out / "plain-b4-ga1-log0" / "rank0" / WEIGHTS_NAME))
+
+
+def _check_run(run_dir: Path, reference: dict[str, torch.Tensor], wrapped: str) -> None:
+    run = json.loads((run_dir / "rank0" / "run.json").read_text())
+    assert run["wrapped"] == wrapped and run["steps"] == 5 and run["resumed_steps"] == 2
+    resumed = load_file(str(run_dir / "rank0" / WEIGHTS_NAME))
+    saved = load_file(str(run_dir / "trainer-save" / WEIGHTS_NAME))  # the uninterrupted run's
+    for adapter in (resumed, saved):
+        diff = _max_diff(adapter, reference)
+        assert diff <= GPU_ATOL, diff
+    moetune.MoEModel.from_pretrained(tiny_model("llama"), run_dir / "trainer-save", strict=True)
+
+
+def test_fsdp2_through_accelerate_on_one_gpu(tmp_path: Path, cpu_reference) -> None:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"), "--num_processes", "1"]
+    cmd += ["--mixed_precision", "no", str(ROOT / "tests" / "ddp_worker.py"), "--cuda"]
+    _launch([*cmd, str(tmp_path), "resume-plain:4:1:0"], {})
+    _check_run(tmp_path / "resume-plain-b4-ga1-log0", cpu_reference, "FSDPMoEModel")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_on_one_gpu(tmp_path: Path, cpu_reference, stage: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone"]
+    cmd += [str(ROOT / "tests" / "ddp_worker.py"), "--deepspeed", "--cuda"]
+    _launch([*cmd, str(tmp_path), f"{stage}/resume-plain:4:1:0"], {})
+    _check_run(tmp_path / f"zero{stage}-resume-plain-b4-ga1-log0", cpu_reference, "DeepSpeedEngine")
