@@ -65,6 +65,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "moetune-ffn-e32": ("moetune", dict(expert_type="ffn", num_experts=32)),
     "moetune-ffn-e64": ("moetune", dict(expert_type="ffn", num_experts=64)),
     "moetune-dense-e64": ("moetune", dict(expert_type="ffn", num_experts=64, dispatch="dense")),
+    "moetune-grouped-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="grouped")),
     "moetune-ref-e8": ("moetune", dict(expert_type="ffn", num_experts=8, reference=True)),
     "moetune-linear-e8": ("moetune", dict(expert_type="linear", num_experts=8)),
     "mixlora-e8": ("mixlora", dict(num_experts=8)),

@@ -116,16 +116,7 @@ class Layers:
 
 # ---- files ------------------------------------------------------------------------------------------
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (not a MixLoRA adapter directory?)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (ValueError, RecursionError) as err:
-        raise ConversionError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return serialization.read_json_object(path, ConversionError, " (not a MixLoRA adapter directory?)")
 
 
 def _read_mixlora_tensors(src: str) -> tuple[str, dict[str, Tensor]]:

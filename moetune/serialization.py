@@ -182,6 +182,21 @@ def _verify(weights: str, tensors: dict[str, Tensor], metadata: dict[str, str]) 
             )
 
 
+def read_json_object(path: str, error: type[Exception] = AdapterError, missing: str = "") -> dict[str, Any]:
+    """The JSON object in file `path`; FileNotFoundError (with the `missing` hint) when there is none,
+    `error` naming the file for invalid JSON or a non-object."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file{missing}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, RecursionError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _json(text: str, where: str) -> Any:
     try:
         return json.loads(text)

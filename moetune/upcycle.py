@@ -25,7 +25,6 @@ Refused, each with one error naming the module or field: an adapter that is not 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from moetune.config import MoEConfig
 from moetune.injection import InjectionPlan, plan
 from moetune.layers import LoRALinear, MoEFFN, MoELinear, TrainableCopy
 from moetune.model import MoEModel, get_moe_model
+from moetune.serialization import read_json_object
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -95,15 +95,7 @@ def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
     refusing whatever is not plain LoRA."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, PEFT_CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: no peft adapter config here")
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_path, ValueError, " (no peft adapter config here)")
     kind = config.get("peft_type")
     if kind != "LORA":
         raise ValueError(
