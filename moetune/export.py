@@ -38,7 +38,6 @@ exports only those tasks' experts: the exported model then routes exactly as `us
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -55,6 +54,7 @@ from moetune.architectures import is_quantized
 from moetune.layers import LoRALinear, MoEFFN, RoutedLayer, TrainableCopy
 from moetune.model import MoEModel
 from moetune.routing import DTYPES
+from moetune.serialization import _fsync_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -501,15 +501,6 @@ def _fsync_tree(directory: str) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):  # not every platform can fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

@@ -19,6 +19,7 @@ shape against the model before copying anything. Every failure names the file an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,14 +89,12 @@ def tensor_sha256(tensor: Tensor) -> str:
 
 # ---- writing ---------------------------------------------------------------------------------------
 def _fsync_dir(directory: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not every platform can open or fsync a directory
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
