@@ -303,7 +303,9 @@ class Tasks:
     weights: dict[str, float] = field(default_factory=dict)
 
 
-def tasks_from_config(data: DataConfig) -> Tasks:
+def tasks_from_config(data: DataConfig, fallback_options: dict[str, list[str]] | None = None) -> Tasks:
+    """Training examples and held-out items of `data`; held-out tasks without `data.options` are scored
+    on `fallback_options` (a stage's data inherit the run's)."""
     if not data.train:
         raise ConfigError("data.train: no training files given")
     train: dict[str, list[Example]] = {}
@@ -312,19 +314,23 @@ def tasks_from_config(data: DataConfig) -> Tasks:
         for ex in src.examples():
             train.setdefault(ex.task, []).append(ex)
             weights[ex.task] = src.weight
-    test = held_out_items(data)
+    test = held_out_items(data, fallback_options)
     unknown = sorted(set(data.options) - set(train) - set(test))
     if unknown:
         raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(train)}")
     return Tasks(train, test, weights)
 
 
-def held_out_items(data: DataConfig) -> dict[str, list[EvalItem]]:
-    """The evaluation items of `data.test`, per task (scored on `data.options` where given)."""
+def held_out_items(
+    data: DataConfig, fallback_options: dict[str, list[str]] | None = None
+) -> dict[str, list[EvalItem]]:
+    """The evaluation items of `data.test`, per task (scored on `data.options`, else `fallback_options`,
+    where given)."""
+    options = {**(fallback_options or {}), **data.options}
     test: dict[str, list[EvalItem]] = {}
     for src in data.test:
         for ex in src.examples():
-            test.setdefault(ex.task, []).append(EvalItem(ex, tuple(data.options.get(ex.task, ()))))
+            test.setdefault(ex.task, []).append(EvalItem(ex, tuple(options.get(ex.task, ()))))
     return test
 
 

@@ -44,11 +44,11 @@ def stage_name(cfg: RunConfig, i: int) -> str:
 def stage_tasks(cfg: RunConfig) -> tuple[list[Tasks], dict[str, list[EvalItem]]]:
     """Each stage's training data, and the held-out items of every task (top level and stages).
     Read before any model loads, so bad data fail first."""
-    per_stage = [tasks_from_config(stage.data) for stage in cfg.stages]
+    # a stage's held-out tasks are scored on its options, else the top level's
+    per_stage = [tasks_from_config(stage.data, cfg.data.options) for stage in cfg.stages]
     test = held_out_items(cfg.data)
-    for stage in cfg.stages:  # a stage's held-out tasks are scored on its options, else the top level's
-        options = {**cfg.data.options, **stage.data.options}
-        for task, items in held_out_items(dataclasses.replace(stage.data, options=options)).items():
+    for tasks in per_stage:
+        for task, items in tasks.test.items():
             test.setdefault(task, []).extend(items)
     named = set(test).union(*(tasks.train for tasks in per_stage))
     unknown = sorted(set(cfg.data.options) - named)
