@@ -136,14 +136,9 @@ class MoEModel(nn.Module):
         if all(r.grad_enabled for r in records) or not (self.training and torch.is_grad_enabled()):
             return None
         with_contrastive = records[0].expert_outputs is not None
-        coefs = {k: getattr(self.moe_config, c) for k, c in self.COEFS.items()}
 
         def loss_of(record: RouterRecord) -> Tensor:
-            terms = [
-                coefs[name] * value
-                for name, value in self._record_losses(record, with_contrastive).items()
-                if coefs[name] > 0
-            ]
+            terms = self._weighted_terms(self._record_losses(record, with_contrastive))
             return torch.stack(terms).sum() / len(records) if terms else record.routing.logits.new_zeros(())
 
         return AuxTap(loss_of)
@@ -215,16 +210,17 @@ class MoEModel(nn.Module):
         """sum_l coef_l * loss_l of the last forward (what `out.loss` adds). After a forward that routed
         without autograd (reentrant checkpointing) its gradient is handed to the layers' recomputed
         losses in backward (moetune.checkpointing)."""
-        terms = [
-            getattr(self.moe_config, self.COEFS[k]) * v
-            for k, v in self._aux.items()
-            if getattr(self.moe_config, self.COEFS[k]) > 0
-        ]
+        terms = self._weighted_terms(self._aux)
         if terms:
             total = torch.stack(terms).sum()
             return total if self._tap is None else tap_gradient(total, self._tap)
         device = next(iter(self._aux.values())).device if self._aux else None
         return torch.zeros((), device=device)
+
+    def _weighted_terms(self, losses: dict[str, Tensor]) -> list[Tensor]:
+        """coef * loss for each balance loss whose coefficient is on."""
+        coefs = {name: getattr(self.moe_config, self.COEFS[name]) for name in losses}
+        return [coefs[name] * value for name, value in losses.items() if coefs[name] > 0]
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Balance losses of the last forward (unweighted, averaged over routers)."""
