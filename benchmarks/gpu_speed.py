@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS  # noqa: E402
+from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS, moe_config  # noqa: E402
 
 DEFAULT_CONFIGS = "peft-lora-r16,moetune-ffn-e8,moetune-ffn-e64"
 
@@ -47,17 +47,7 @@ def build(
         raise ValueError(f"{config_name}: only peft and moetune configurations run on the GPU")
     import moetune
 
-    mcfg = moetune.MoEConfig(
-        expert_type=opts["expert_type"],
-        num_experts=opts["num_experts"],
-        top_k=2,
-        r=8,
-        lora_alpha=16,
-        attn_r=8,
-        lora_dropout=0.0,
-        adapter_dtype=adapter_dtype,
-    )
-    model = moetune.get_moe_model(base, mcfg).cuda()
+    model = moetune.get_moe_model(base, moe_config(opts, 0.0, adapter_dtype=adapter_dtype)).cuda()
     model._ctx.dispatch = opts.get("dispatch", "auto")
     model._ctx.reference = bool(opts.get("reference"))
     return model

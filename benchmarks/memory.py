@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import ATTN, MLP, MODELS, _malloc_trim, _proc_status, _reset_hwm  # noqa: E402
+from speed import ATTN, CONFIGS, MLP, MODELS, _malloc_trim, _proc_status, _reset_hwm, moe_config  # noqa: E402
 
 ADAPTERS = ("peft-lora-r16", "moetune-e8")
 BASES = ("fp32", "int8")
@@ -58,8 +58,7 @@ def build(model_name: str, adapter: str, base_kind: str, checkpointing: bool, dr
     else:
         import moetune
 
-        moe = moetune.MoEConfig(num_experts=8, top_k=2, r=8, lora_alpha=16, attn_r=8, lora_dropout=dropout)
-        model = moetune.get_moe_model(base, moe)
+        model = moetune.get_moe_model(base, moe_config(CONFIGS["moetune-ffn-e8"][1], dropout))
         if checkpointing:
             model.gradient_checkpointing_enable()
     model.train()

@@ -77,6 +77,22 @@ PHASES = ("train", "infer", "mlp")
 # ==================================================================================================
 # building a configuration (used by the workers and by benchmarks/profile_step.py)
 # ==================================================================================================
+def moe_config(opts: dict[str, Any], dropout: float, **extra: Any):
+    """The MoEConfig of a moetune configuration in CONFIGS: top-2, r=8 (alpha 16), attention LoRA r=8."""
+    import moetune
+
+    return moetune.MoEConfig(
+        expert_type=opts["expert_type"],
+        num_experts=opts["num_experts"],
+        top_k=2,
+        r=8,
+        lora_alpha=16,
+        attn_r=8,
+        lora_dropout=dropout,
+        **extra,
+    )
+
+
 class Bench:
     """One configuration on one model, ready to time."""
 
@@ -108,16 +124,7 @@ class Bench:
         elif kind == "moetune":
             import moetune
 
-            mcfg = moetune.MoEConfig(
-                expert_type=opts["expert_type"],
-                num_experts=opts["num_experts"],
-                top_k=2,
-                r=8,
-                lora_alpha=16,
-                attn_r=8,
-                lora_dropout=dropout,
-            )
-            self.model = moetune.get_moe_model(base, mcfg)
+            self.model = moetune.get_moe_model(base, moe_config(opts, dropout))
             self.model._ctx.dispatch = opts.get("dispatch", "auto")  # "auto": grouped GEMMs when E is large
             params = [p for p in self.model.parameters() if p.requires_grad]
         elif kind == "mixlora":
