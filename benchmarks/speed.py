@@ -66,6 +66,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "moetune-ffn-e64": ("moetune", dict(expert_type="ffn", num_experts=64)),
     "moetune-dense-e64": ("moetune", dict(expert_type="ffn", num_experts=64, dispatch="dense")),
     "moetune-grouped-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="grouped")),
+    # inference in one block of all tokens instead of 512-token blocks (MoEFFN._fast_blocks)
+    "moetune-oneblock-e8": ("moetune", dict(expert_type="ffn", num_experts=8, cpu_inference_block=0)),
     "moetune-ref-e8": ("moetune", dict(expert_type="ffn", num_experts=8, reference=True)),
     "moetune-linear-e8": ("moetune", dict(expert_type="linear", num_experts=8)),
     "mixlora-e8": ("mixlora", dict(num_experts=8)),
@@ -126,6 +128,8 @@ class Bench:
 
             self.model = moetune.get_moe_model(base, moe_config(opts, dropout))
             self.model._ctx.dispatch = opts.get("dispatch", "auto")  # "auto": grouped GEMMs when E is large
+            if "cpu_inference_block" in opts:
+                self.model._ctx.cpu_inference_block = opts["cpu_inference_block"]
             params = [p for p in self.model.parameters() if p.requires_grad]
         elif kind == "mixlora":
             self.model, params, self._mixlora_experts = _build_mixlora(base, opts["num_experts"], dropout)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from transformers.activations import SiLUActivation
 
 from moetune import sharding
 
@@ -36,18 +37,28 @@ class FFNSpec:
         )
 
 
+def activation_(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """act(x), computed in place where `act` is a known elementwise activation (saves writing a fresh
+    tensor of the hidden's size); any other activation runs as it is."""
+    if isinstance(act, nn.SiLU | SiLUActivation):
+        return nn.functional.silu(x, inplace=True)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    return act(x)
+
+
 def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
     gate, up = outs
-    return act(gate).mul_(up) if in_place else act(gate) * up
+    return activation_(act, gate).mul_(up) if in_place else act(gate) * up
 
 
 def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
     gate, up = outs[0].chunk(2, dim=-1)
-    return act(gate).mul_(up) if in_place else up * act(gate)
+    return activation_(act, gate).mul_(up) if in_place else up * act(gate)
 
 
 def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    return act(outs[0])
+    return activation_(act, outs[0]) if in_place else act(outs[0])
 
 
 FFN_SPECS = (

@@ -15,7 +15,10 @@ to d_out. No host sync, no per-expert loop, static shapes:
   reduce_slots  sum_k w_tk * delta_{idx_tk}(h_tk)         output projection of `ffn`    -> (T, d_out)
 Its waste grows with E: every token multiplies by all N r columns. `GroupedSlots` sorts the T K slots
 by expert once (`SlotGroups`) and runs one grouped GEMM per projection instead (work independent of E).
-`DenseSlots` / `GroupedSlots` are the two ways an `ffn` layer gets its per-slot deltas.
+`SortedSlots` also sorts them, but keeps the slots in expert order through the whole FFN and runs one
+plain GEMM per expert over its contiguous rows: no wasted work and no grouped kernel, for a host sync
+(the group sizes) and a Python loop over the experts; it is the CPU inference path.
+`DenseSlots` / `GroupedSlots` / `SortedSlots` are the ways an `ffn` layer gets its per-slot tensors.
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
@@ -100,16 +103,24 @@ class ExpertMath:
         """(N, r, d_out), contiguous."""
         return torch.cat([B.transpose(1, 2) for _, B in self._pairs()]).contiguous()
 
-    # ---- reference path --------------------------------------------------------------------------
-    def expert(self, e: int, x_ND: Tensor) -> Tensor:
-        """One expert's delta s * B_e A_e x, the obvious way  -> (N, d_out)."""
+    # ---- one expert -------------------------------------------------------------------------------
+    def all_expert_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """Every expert's (A (r, d_in), B (d_out, r)) in order, views of the stored blocks."""
+        return [pair for A, B in self._pairs() for pair in zip(A.unbind(), B.unbind(), strict=True)]
+
+    def expert_weights(self, e: int) -> tuple[Tensor, Tensor]:
+        """Expert e's (A (r, d_in), B (d_out, r)), views of the stored blocks."""
         start = 0
         for A, B in self._pairs():
             if start <= e < start + A.shape[0]:
-                x_ND = x_ND.to(self.dtype)
-                return ((x_ND @ A[e - start].T) * self.scaling) @ B[e - start].T  # scale the (N, r) side
+                return A[e - start], B[e - start]
             start += A.shape[0]
         raise IndexError(f"expert {e} out of range 0..{self.num_experts - 1}")
+
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """One expert's delta s * B_e A_e x, the obvious way (the reference path)  -> (N, d_out)."""
+        A, B = self.expert_weights(e)
+        return ((x_ND.to(self.dtype) @ A.T) * self.scaling) @ B.T  # scale the (N, r) side
 
 
 class LoRAExperts(ExpertMath, nn.Module):
@@ -207,7 +218,25 @@ def has_grouped_mm(dtype: torch.dtype, *dims: int) -> bool:
     return all(d * itemsize % 16 == 0 for d in dims)
 
 
-class DenseSlots:
+class SlotsKT:
+    """Slot tensors laid out (K, T, F): slot k of token t at [k, t] (`DenseSlots`, `GroupedSlots`)."""
+
+    w_TK: Tensor
+
+    def broadcast(self, t_TF: Tensor) -> Tensor:
+        """A per-token tensor as a slot tensor (every slot of token t gets row t)  -> (K, T, F)."""
+        return t_TF.unsqueeze(0).expand(self.w_TK.shape[1], *t_TF.shape)
+
+    def mix(self, h_KTF: Tensor, init_TF: Tensor | None = None) -> Tensor:
+        """init + sum_k w_tk h_tk  -> (T, F)."""
+        w_KT1 = self.w_TK.T[..., None].to(h_KTF.dtype)
+        mixed_TF = h_KTF[0] * w_KT1[0] if init_TF is None else init_TF.addcmul_(h_KTF[0], w_KT1[0])
+        for k in range(1, h_KTF.shape[0]):
+            mixed_TF.addcmul_(h_KTF[k], w_KT1[k])  # autograd-safe: addcmul keeps h and w, not mixed
+        return mixed_TF
+
+
+class DenseSlots(SlotsKT):
     """`ffn` slots dense in rank space: one GEMM gives x A for every expert of every input projection."""
 
     def __init__(self, in_banks: dict[str, LoRAExperts], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> None:
@@ -227,7 +256,7 @@ class DenseSlots:
         return bank.reduce_slots(h_KTF, bank.slot_mask(self.idx_TK, self.w_TK))
 
 
-class GroupedSlots:
+class GroupedSlots(SlotsKT):
     """`ffn` slots sorted by expert once; one grouped GEMM per expert projection (work independent of E)."""
 
     def __init__(
@@ -254,3 +283,62 @@ class GroupedSlots:
         delta_SD = grouped_mm(grouped_mm(h_SF, bank.A_T(), groups) * gate_S1, bank.B_T(), groups)
         out_TD = torch.zeros(self.T, bank.d_out, dtype=bank.dtype, device=h_SF.device)
         return out_TD.index_add(0, groups.token, delta_SD)
+
+
+class SortedSlots:
+    """`ffn` slots sorted by expert, kept in that order (slot tensors are (S, F), S = T K): expert j's
+    slots are the rows `spans` gives it, so each expert projection is one plain GEMM over them.
+
+    The frozen projections still run once per token; their outputs are gathered into slot order, the
+    activation does not care about the order, and `mix` / `out_delta` add the slots back per token.
+    """
+
+    def __init__(
+        self, in_banks: dict[str, ExpertMath], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, num_experts: int
+    ) -> None:
+        self.T = T = idx_TK.shape[0]
+        expert_S = idx_TK.T.reshape(-1)  # slot id k T + t
+        order = torch.argsort(expert_S, stable=True)
+        self.token = order % T  # (S,) token of each sorted slot
+        self.w_S1 = w_TK.T.reshape(-1)[order][:, None]
+        ends = torch.bincount(expert_S, minlength=num_experts).cumsum(0).tolist()  # host sync
+        starts = [0, *ends[:-1]]
+        self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
+        self.xd_SD = xd_TD.index_select(0, self.token) if in_banks else None
+
+    def broadcast(self, t_TF: Tensor) -> Tensor:
+        """A per-token tensor in slot order  -> (S, F)."""
+        return t_TF.index_select(0, self.token)
+
+    def add_delta(self, name: str, bank: ExpertMath, base_TF: Tensor) -> Tensor:
+        """base_t + delta_j(x_t) for every slot (t, j)  -> (S, F)."""
+        out_SF = self.broadcast(base_TF)  # fresh: the experts add into their rows in place
+        dtype, weights = bank.dtype, bank.all_expert_weights()
+        x_SD = self.xd_SD.to(dtype)
+        for j, a, b in self.spans:
+            A, B = weights[j]
+            if out_SF.dtype == dtype:
+                out_SF[a:b].addmm_(x_SD[a:b] @ A.T, B.T, alpha=bank.scaling)
+            else:
+                out_SF[a:b] += ((x_SD[a:b] @ A.T) @ B.T * bank.scaling).to(out_SF.dtype)
+        return out_SF
+
+    def out_delta(self, bank: ExpertMath, h_SF: Tensor) -> Tensor:
+        """sum over the slots of token t of w s B_j A_j h  -> (T, d_out)."""
+        dtype, weights = bank.dtype, bank.all_expert_weights()
+        h_SF = h_SF.to(dtype)
+        gate_S1 = self.w_S1.to(dtype) * bank.scaling  # applied on the (n, r) side
+        parts = []
+        for j, a, b in self.spans:
+            A, B = weights[j]
+            parts.append(((h_SF[a:b] @ A.T) * gate_S1[a:b]) @ B.T)
+        delta_SD = torch.cat(parts)
+        return delta_SD.new_zeros(self.T, bank.d_out).index_add_(0, self.token, delta_SD)
+
+    def mix(self, h_SF: Tensor, init_TF: Tensor | None = None) -> Tensor:
+        """init + sum over the slots of token t of w h  -> (T, F). Without autograd h is scaled in place
+        (call `out_delta` first)."""
+        w_S1 = self.w_S1.to(h_SF.dtype)
+        hw_SF = h_SF.mul_(w_S1) if not torch.is_grad_enabled() else h_SF * w_S1
+        mixed_TF = h_SF.new_zeros(self.T, h_SF.shape[1]) if init_TF is None else init_TF
+        return mixed_TF.index_add_(0, self.token, hw_SF)

@@ -219,19 +219,26 @@ def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
 @pytest.mark.parametrize("router", ["topk", "switch"])
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_fast_equals_reference_without_autograd(family: str, router: str) -> None:
-    """Under no_grad the slot tensors are combined in place; the result must not change."""
+    """Under no_grad the slot tensors are combined in place; the result must not change. In eval mode
+    on CPU, no_grad also picks the sorted path by itself; it equals the reference too."""
     model = float64_model(family, "ffn", router)
     randomize_(model)
     model.eval()
     batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    layer = next(layer for _, layer in model.moe_layers())
     with torch.no_grad():
-        fast = model(**batch).logits
+        assert layer.slot_path() == "sorted"
         with model.reference_path():
             ref = model(**batch).logits
-    with torch.enable_grad():
-        with_grad = model(**batch).logits.detach()
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
-    assert torch.equal(fast, with_grad)
+    for dispatch in ("auto", "dense", "sorted"):
+        model._ctx.dispatch = dispatch
+        with torch.no_grad():
+            fast = model(**batch).logits
+        with torch.enable_grad():
+            with_grad = model(**batch).logits.detach()
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+        if dispatch != "auto":  # auto: dense with autograd, sorted without
+            assert torch.equal(fast, with_grad)
 
 
 def test_switch_overflow_really_happens() -> None:
@@ -350,3 +357,106 @@ def test_ffn_decomposition_matches_each_family_forward() -> None:
         x_TD = x.reshape(-1, 32)
         ours = layer._post(layer._expert_ffn(None, x_TD, x_TD)).view(2, 5, -1)
         torch.testing.assert_close(ours, mlp(x), rtol=0, atol=1e-12, msg=family)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cpu_inference_in_token_blocks_equals_one_block(family: str, dispatch: str) -> None:
+    """Without autograd on CPU, `ffn` layers run in blocks of `cpu_inference_block` tokens (T = 27 here,
+    blocks of 5: the last one short). Padding, two task blocks and a per-sample task mix included; the
+    result is the single-block forward's and the reference path's; with autograd on nothing is split."""
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=1)
+    model = moetune.get_moe_model(tiny_model(family), cfg)
+    model.add_experts(2, task="B", freeze_existing=False)
+    randomize_(model)
+    model.eval()
+    model._ctx.dispatch = dispatch
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    layer = next(layer for _, layer in model.moe_layers())
+    calls = []
+
+    def count_fast(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return type(layer)._fast(layer, *args, **kwargs)
+
+    layer._fast = count_fast  # the test observes the blocks; the library never patches a forward
+    for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
+        results = {}
+        for block in (0, 5):
+            model._ctx.cpu_inference_block = block
+            calls.clear()
+            with torch.no_grad():
+                results[block] = model(**batch | extra).logits
+            if not extra:
+                assert calls == ([27] if block == 0 else [5, 5, 5, 5, 5, 2])
+            else:  # one group per task: 9 tokens of task 0, 18 of task B
+                assert sorted(calls) == sorted([9, 18] if block == 0 else [5, 4, 5, 5, 5, 3])
+        with torch.no_grad(), model.reference_path():
+            reference = model(**batch | extra).logits
+        assert _max_rel_error({"y": results[5]}, {"y": results[0]}) < 1e-6
+        assert _max_rel_error({"y": results[5]}, {"y": reference}) < 1e-5
+    calls.clear()
+    model(**batch).logits.sum().backward()  # autograd on: one block
+    assert calls == [27]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_sorted_path_equals_reference(family: str, router: str) -> None:
+    """The sorted path (slots in expert order, one GEMM per expert), forced with autograd on: output and
+    every gradient equal the reference in float64; also restricted to a task and with a per-sample mix."""
+    model = float64_model(family, "ffn", router, num_experts=3, task="A")
+    model.add_experts(2, task="B", freeze_existing=False)
+    randomize_(model, tie=router in ("topk", "topp"))
+    model._ctx.dispatch = "sorted"
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    assert next(layer for _, layer in model.moe_layers()).slot_path() == "sorted"
+    assert_paths_agree(model, batch)
+    with model.use_tasks(["B"]):
+        assert_paths_agree(model, batch)
+    assert_paths_agree(model, batch | {"task_ids": torch.tensor([1, 0, 1])})
+
+
+@pytest.mark.parametrize("targets", [["down_proj"], ["up_proj"], ["gate_proj", "down_proj"]])
+def test_sorted_path_with_some_projections(targets: list[str]) -> None:
+    model = float64_model("llama", "ffn", "topk", target_modules=targets)
+    randomize_(model)
+    model._ctx.dispatch = "sorted"
+    assert_paths_agree(model, tiny_batch("llama", batch=2, seq=7, padded=True))
+
+
+def test_sorted_path_with_lora_dropout_equals_dense() -> None:
+    """In training mode with LoRA dropout, the sorted and dense paths draw the same masks (one per
+    token for x, one per token for the hidden, shared by its slots): same output and gradients."""
+    model = float64_model("llama", "ffn", "topk", lora_dropout=0.3)
+    randomize_(model)
+    model.train()
+    batch = tiny_batch("llama", batch=3, seq=9, padded=True)
+    results = {}
+    for dispatch in ("dense", "sorted"):
+        model._ctx.dispatch = dispatch
+        torch.manual_seed(0)
+        out, grads = run(model, batch, reference=False)
+        results[dispatch] = {"logits": out, **grads}
+    assert _max_rel_error(results["sorted"], results["dense"]) < 1e-12
+    model._ctx.dispatch = "dense"
+    torch.manual_seed(1)
+    other, _ = run(model, batch, reference=False)
+    assert not torch.allclose(other, results["dense"]["logits"])  # the masks do change the output
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_sorted_path_on_a_bfloat16_base(adapter_dtype: str) -> None:
+    """bf16 base: the sorted inference path equals the dense one up to bf16 rounding, with float32
+    adapters (deltas cast before they are added) and with bf16 adapters (added in place)."""
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, adapter_dtype=adapter_dtype)
+    model = moetune.get_moe_model(tiny_model("llama", dtype=torch.bfloat16), cfg)
+    randomize_(model, lora_std=0.05)
+    model.eval()
+    batch = tiny_batch("llama", batch=2, seq=9, padded=True)
+    out = {}
+    with torch.no_grad():
+        for dispatch in ("dense", "sorted"):
+            model._ctx.dispatch = dispatch
+            out[dispatch] = model(**batch).logits.float()
+    assert _max_rel_error({"y": out["sorted"]}, {"y": out["dense"]}) < 1e-2  # measured 5.1e-3
