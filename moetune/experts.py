@@ -227,6 +227,10 @@ class SlotsKT:
         """A per-token tensor as a slot tensor (every slot of token t gets row t)  -> (K, T, F)."""
         return t_TF.unsqueeze(0).expand(self.w_TK.shape[1], *t_TF.shape)
 
+    def add_out(self, y_TD: Tensor, delta_TD: Tensor) -> Tensor:
+        """y + the output projection's delta (`out_delta`, already summed over the slots)."""
+        return y_TD + delta_TD.to(y_TD.dtype)
+
     def mix(self, h_KTF: Tensor, init_TF: Tensor | None = None) -> Tensor:
         """init + sum_k w_tk h_tk  -> (T, F)."""
         w_KT1 = self.w_TK.T[..., None].to(h_KTF.dtype)
@@ -304,7 +308,12 @@ class SortedSlots:
         ends = torch.bincount(expert_S, minlength=num_experts).cumsum(0).tolist()  # host sync
         starts = [0, *ends[:-1]]
         self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
-        self.xd_SD = xd_TD.index_select(0, self.token) if in_banks else None
+        if in_banks:  # x A of every slot's expert on every input projection: one GEMM, one gather
+            banks = list(in_banks.values())
+            N, r = banks[0].num_experts, banks[0].r
+            xA_TPNr = (xd_TD.to(banks[0].dtype) @ torch.cat([b.flat_A() for b in banks]).T).view(T, -1, N, r)
+            xA_SPr = xA_TPNr[self.token, :, expert_S[order]]
+            self.xA = dict(zip(in_banks, xA_SPr.unbind(1), strict=True))
 
     def broadcast(self, t_TF: Tensor) -> Tensor:
         """A per-token tensor in slot order  -> (S, F)."""
@@ -313,27 +322,31 @@ class SortedSlots:
     def add_delta(self, name: str, bank: ExpertMath, base_TF: Tensor) -> Tensor:
         """base_t + delta_j(x_t) for every slot (t, j)  -> (S, F)."""
         out_SF = self.broadcast(base_TF)  # fresh: the experts add into their rows in place
-        dtype, weights = bank.dtype, bank.all_expert_weights()
-        x_SD = self.xd_SD.to(dtype)
+        xA_Sr, weights = self.xA[name], bank.all_expert_weights()
         for j, a, b in self.spans:
-            A, B = weights[j]
-            if out_SF.dtype == dtype:
-                out_SF[a:b].addmm_(x_SD[a:b] @ A.T, B.T, alpha=bank.scaling)
+            B = weights[j][1]
+            if out_SF.dtype == bank.dtype:
+                out_SF[a:b].addmm_(xA_Sr[a:b], B.T, alpha=bank.scaling)
             else:
-                out_SF[a:b] += ((x_SD[a:b] @ A.T) @ B.T * bank.scaling).to(out_SF.dtype)
+                out_SF[a:b] += (xA_Sr[a:b] @ B.T * bank.scaling).to(out_SF.dtype)
         return out_SF
 
     def out_delta(self, bank: ExpertMath, h_SF: Tensor) -> Tensor:
-        """sum over the slots of token t of w s B_j A_j h  -> (T, d_out)."""
+        """w s B_j A_j h of every slot  -> (S, d_out), for `add_out`."""
         dtype, weights = bank.dtype, bank.all_expert_weights()
         h_SF = h_SF.to(dtype)
         gate_S1 = self.w_S1.to(dtype) * bank.scaling  # applied on the (n, r) side
-        parts = []
-        for j, a, b in self.spans:
-            A, B = weights[j]
-            parts.append(((h_SF[a:b] @ A.T) * gate_S1[a:b]) @ B.T)
-        delta_SD = torch.cat(parts)
-        return delta_SD.new_zeros(self.T, bank.d_out).index_add_(0, self.token, delta_SD)
+        z = [(h_SF[a:b] @ weights[j][0].T) * gate_S1[a:b] for j, a, b in self.spans]
+        if torch.is_grad_enabled():
+            return torch.cat([z_n @ weights[j][1].T for z_n, (j, _, _) in zip(z, self.spans, strict=True)])
+        delta_SD = h_SF.new_empty(h_SF.shape[0], bank.d_out)
+        for z_n, (j, a, b) in zip(z, self.spans, strict=True):
+            torch.mm(z_n, weights[j][1].T, out=delta_SD[a:b])
+        return delta_SD
+
+    def add_out(self, y_TD: Tensor, delta_SD: Tensor) -> Tensor:
+        """y_t + the deltas of the slots of token t (in place on y)  -> (T, d_out)."""
+        return y_TD.index_add_(0, self.token, delta_SD.to(y_TD.dtype))
 
     def mix(self, h_SF: Tensor, init_TF: Tensor | None = None) -> Tensor:
         """init + sum over the slots of token t of w h  -> (T, F). Without autograd h is scaled in place

@@ -196,23 +196,38 @@ def test_grouped_path_with_some_projections(targets: list[str]) -> None:
 
 def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
     """`auto` picks the grouped path once E r (1/d_in + 1/d_out) > 0.5, never for float64 or rows that
-    are not 16-byte multiples."""
-    chosen = {}
+    are not 16-byte multiples; CPU inference (eval, no autograd) picks the sorted path above 0.25."""
+    chosen, inference = {}, {}
     for E, r, dtype in [
+        (1, 4, torch.float32),
         (2, 4, torch.float32),
         (8, 4, torch.float32),
         (8, 4, torch.float64),
         (8, 3, torch.float32),
     ]:
         base = tiny_model("llama", dtype=dtype)  # hidden 32, intermediate 64
-        model = moetune.get_moe_model(base, moetune.MoEConfig(num_experts=E, r=r))
-        chosen[E, r, dtype] = next(layer for _, layer in model.moe_layers()).uses_grouped()
-    # 2*4*(1/32 + 1/64) = 0.375 -> dense; 8*4*(1/32 + 1/64) = 1.5 -> grouped
+        model = moetune.get_moe_model(base, moetune.MoEConfig(num_experts=E, r=r, top_k=1))
+        layer = next(layer for _, layer in model.moe_layers())
+        chosen[E, r, dtype] = layer.uses_grouped()
+        assert layer.slot_path() == ("grouped" if chosen[E, r, dtype] else "dense")  # training mode
+        model.eval()
+        with torch.no_grad():
+            inference[E, r, dtype] = layer.slot_path()
+        assert layer.slot_path() == ("grouped" if chosen[E, r, dtype] else "dense")  # autograd on
+    # 1*4*(1/32 + 1/64) = 0.19; 2*4*(1/32 + 1/64) = 0.375 -> dense; 8*4*(1/32 + 1/64) = 1.5 -> grouped
     assert chosen == {
+        (1, 4, torch.float32): False,
         (2, 4, torch.float32): False,
         (8, 4, torch.float32): True,
         (8, 4, torch.float64): False,
         (8, 3, torch.float32): False,
+    }
+    assert inference == {
+        (1, 4, torch.float32): "dense",
+        (2, 4, torch.float32): "sorted",
+        (8, 4, torch.float32): "sorted",
+        (8, 4, torch.float64): "sorted",
+        (8, 3, torch.float32): "sorted",
     }
 
 
