@@ -308,12 +308,20 @@ class SortedSlots:
         ends = torch.bincount(expert_S, minlength=num_experts).cumsum(0).tolist()  # host sync
         starts = [0, *ends[:-1]]
         self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
-        if in_banks:  # x A of every slot's expert on every input projection: one GEMM, one gather
-            banks = list(in_banks.values())
-            N, r = banks[0].num_experts, banks[0].r
-            xA_TPNr = (xd_TD.to(banks[0].dtype) @ torch.cat([b.flat_A() for b in banks]).T).view(T, -1, N, r)
-            xA_SPr = xA_TPNr[self.token, :, expert_S[order]]
-            self.xA = dict(zip(in_banks, xA_SPr.unbind(1), strict=True))
+        if not in_banks:
+            return
+        # x A of every slot's expert on every input projection: (S, r) per projection
+        banks = list(in_banks.values())
+        N, K, r, dtype = banks[0].num_experts, idx_TK.shape[1], banks[0].r, banks[0].dtype
+        if N <= 4 * K:  # all experts in one GEMM (at most 4x the work), then a gather
+            xA_TPNr = (xd_TD.to(dtype) @ torch.cat([b.flat_A() for b in banks]).T).view(T, -1, N, r)
+            self.xA = dict(zip(in_banks, xA_TPNr[self.token, :, expert_S[order]].unbind(1), strict=True))
+        else:  # one small GEMM per expert over its rows
+            x_SD = xd_TD.to(dtype).index_select(0, self.token)
+            self.xA = {}
+            for name, bank in in_banks.items():
+                weights = bank.all_expert_weights()
+                self.xA[name] = torch.cat([x_SD[a:b] @ weights[j][0].T for j, a, b in self.spans])
 
     def broadcast(self, t_TF: Tensor) -> Tensor:
         """A per-token tensor in slot order  -> (S, F)."""

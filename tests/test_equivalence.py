@@ -432,6 +432,16 @@ def test_sorted_path_equals_reference(family: str, router: str) -> None:
     assert_paths_agree(model, batch | {"task_ids": torch.tensor([1, 0, 1])})
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_sorted_path_with_many_experts(family: str) -> None:
+    """More than 4 K experts: the sorted path computes x A with one GEMM per expert instead of one
+    over all of them; still the reference, gradients included."""
+    model = float64_model(family, "ffn", "topk", num_experts=9, num_shared_experts=0)  # 9 > 4 * 2
+    randomize_(model)
+    model._ctx.dispatch = "sorted"
+    assert_paths_agree(model, tiny_batch(family, batch=3, seq=9, padded=True))
+
+
 @pytest.mark.parametrize("targets", [["down_proj"], ["up_proj"], ["gate_proj", "down_proj"]])
 def test_sorted_path_with_some_projections(targets: list[str]) -> None:
     model = float64_model("llama", "ffn", "topk", target_modules=targets)
