@@ -66,9 +66,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "moetune-ffn-e64": ("moetune", dict(expert_type="ffn", num_experts=64)),
     "moetune-dense-e64": ("moetune", dict(expert_type="ffn", num_experts=64, dispatch="dense")),
     "moetune-grouped-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="grouped")),
-    # CPU inference: slots sorted by expert at E=8 too (auto: dense there, MoEFFN.slot_path), or in one
-    # block of all tokens instead of 512-token blocks (MoEFFN._fast_blocks)
-    "moetune-sorted-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="sorted")),
+    # CPU inference: the dense rank-space path of training instead of slots sorted by expert
+    # (MoEFFN.slot_path), or in one block of all tokens instead of 512-token blocks (MoEFFN._fast_blocks)
+    "moetune-dense-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="dense")),
     "moetune-oneblock-e8": ("moetune", dict(expert_type="ffn", num_experts=8, cpu_inference_block=0)),
     "moetune-ref-e8": ("moetune", dict(expert_type="ffn", num_experts=8, reference=True)),
     "moetune-linear-e8": ("moetune", dict(expert_type="linear", num_experts=8)),

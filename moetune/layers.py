@@ -387,10 +387,11 @@ class MoEFFN(RoutedLayer):
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None
     ) -> str:
         """How `_fast` computes the slots (`RoutingContext.dispatch` forces one):
-        - inference on CPU (eval mode, no autograd): "sorted" once the dense path's extra work
-          (`dense_waste`) passes 0.25, else "dense". Measured on 2 cores, whole-model inference:
-          at E=64 (waste 0.34-1.37) sorted was 19-35% faster than dense and 7-13% faster than
-          grouped; at E=8 (0.04-0.17) sorted and dense were within 3% of each other.
+        - inference on CPU (eval mode, no autograd): "sorted". Measured on 2 cores, whole-model
+          inference against peft LoRA r=16 (benchmarks/README.md): at E=64 sorted 1.11-1.23x,
+          grouped 1.12-1.30x, dense 1.39-1.58x; at E=8 sorted and dense within noise of each
+          other (1.05-1.11x). With OMP_WAIT_POLICY=PASSIVE the sorted path's per-expert GEMMs
+          cost thread wake-ups: at E=8 it is then about 3% slower than dense.
         - otherwise "grouped" (`uses_grouped`) or "dense".
         """
         banks = dict(self.experts) if banks is None else banks
@@ -399,7 +400,7 @@ class MoEFFN(RoutedLayer):
         if self.ctx.dispatch == "auto" and not self.training and not torch.is_grad_enabled():
             device = device or next(iter(banks.values())).all_expert_weights()[0][0].device
             if device.type == "cpu":
-                return "sorted" if self.dense_waste(banks) > 0.25 else "dense"
+                return "sorted"
         return "grouped" if self.uses_grouped(banks) else "dense"
 
     def dense_waste(self, banks: dict[str, ExpertMath] | None = None) -> float:

@@ -196,7 +196,7 @@ def test_grouped_path_with_some_projections(targets: list[str]) -> None:
 
 def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
     """`auto` picks the grouped path once E r (1/d_in + 1/d_out) > 0.5, never for float64 or rows that
-    are not 16-byte multiples; CPU inference (eval, no autograd) picks the sorted path above 0.25."""
+    are not 16-byte multiples; CPU inference (eval, no autograd) always takes the sorted path."""
     chosen, inference = {}, {}
     for E, r, dtype in [
         (1, 4, torch.float32),
@@ -223,7 +223,7 @@ def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
         (8, 3, torch.float32): False,
     }
     assert inference == {
-        (1, 4, torch.float32): "dense",
+        (1, 4, torch.float32): "sorted",
         (2, 4, torch.float32): "sorted",
         (8, 4, torch.float32): "sorted",
         (8, 4, torch.float64): "sorted",
