@@ -37,6 +37,8 @@ LABELS = [
     ("moetune.experts", "LoRAExperts.reduce_slots"),
     ("moetune.experts", "GroupedSlots.add_delta"),
     ("moetune.experts", "GroupedSlots.out_delta"),
+    ("moetune.experts", "SortedSlots.add_delta"),
+    ("moetune.experts", "SortedSlots.out_delta"),
     ("moetune.experts", "SlotGroups.build"),
     ("moetune.experts", "LoRAExperts.dense"),
     ("moetune.experts", "LoRAExperts.expert"),
