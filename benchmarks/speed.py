@@ -666,7 +666,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in res.items():
-            if "train" not in r:
+            if not any(phase in r for phase in PHASES):
                 lines.append(f"| {name} | {r.get('error', 'no data')} |" + " |" * 16)
                 continue
             x = rat.get(name, {})
@@ -680,14 +680,20 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     f"{x.get(phase + '_min', nan):.2f}"
                 )
 
-            tr = r["train"]
-            mem = f"{tr['peak_rss_mb']:.0f} (+{tr['peak_over_start_mb']:.0f})"
+            train, mem = "– | – | – | – | – | –", "– | –"  # without a train phase (--phases)
+            if "train" in r:
+                tr = r["train"]
+                train = (
+                    f"{fmt_t(tr)} | {tr['min'] * 1e3:.0f} | {tr['tokens_per_s']:.0f} "
+                    f"| {x.get('train', nan):.2f} | {x.get('train_min', nan):.2f} "
+                    f"| {x.get('train_cpu', nan):.2f}"
+                )
+                mem = (
+                    f"{tr['peak_rss_mb']:.0f} (+{tr['peak_over_start_mb']:.0f}) "
+                    f"| {x.get('train_peak_mem', nan):.2f}"
+                )
             lines.append(
-                f"| {name} | {fmt_t(tr)} | {tr['min'] * 1e3:.0f} | {tr['tokens_per_s']:.0f} "
-                f"| {x.get('train', nan):.2f} | {x.get('train_min', nan):.2f} "
-                f"| {x.get('train_cpu', nan):.2f} "
-                f"| {cols('infer')} | {cols('mlp')} | {mem} | {x.get('train_peak_mem', nan):.2f} "
-                f"| {r['trainable_params']:,} |"
+                f"| {name} | {train} | {cols('infer')} | {cols('mlp')} | {mem} | {r['trainable_params']:,} |"
             )
         lines += [
             "",
