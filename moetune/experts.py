@@ -301,11 +301,10 @@ class SortedSlots:
         self, in_banks: dict[str, ExpertMath], xd_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, num_experts: int
     ) -> None:
         self.T = T = idx_TK.shape[0]
-        expert_S = idx_TK.T.reshape(-1)  # slot id k T + t
-        order = torch.argsort(expert_S, stable=True)
-        self.token = order % T  # (S,) token of each sorted slot
-        self.w_S1 = w_TK.T.reshape(-1)[order][:, None]
-        ends = torch.bincount(expert_S, minlength=num_experts).cumsum(0).tolist()  # host sync
+        groups = SlotGroups.build(idx_TK, num_experts)
+        self.token = groups.token  # (S,) token of each sorted slot
+        self.w_S1 = w_TK.T.reshape(-1)[groups.order][:, None]
+        ends = groups.offsets.tolist()  # host sync
         starts = [0, *ends[:-1]]
         self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
         if not in_banks:
@@ -315,7 +314,8 @@ class SortedSlots:
         N, K, r, dtype = banks[0].num_experts, idx_TK.shape[1], banks[0].r, banks[0].dtype
         if N <= 4 * K:  # all experts in one GEMM (at most 4x the work), then a gather
             xA_TPNr = (xd_TD.to(dtype) @ torch.cat([b.flat_A() for b in banks]).T).view(T, -1, N, r)
-            self.xA = dict(zip(in_banks, xA_TPNr[self.token, :, expert_S[order]].unbind(1), strict=True))
+            expert_S = idx_TK.T.reshape(-1)[groups.order]  # (S,) expert of each sorted slot
+            self.xA = dict(zip(in_banks, xA_TPNr[self.token, :, expert_S].unbind(1), strict=True))
         else:  # one small GEMM per expert over its rows
             x_SD = xd_TD.to(dtype).index_select(0, self.token)
             self.xA = {}

@@ -399,26 +399,22 @@ class MoEFFN(RoutedLayer):
         if self.ctx.dispatch == "sorted":
             return "sorted"
         if self.ctx.dispatch == "auto" and not self.training and not torch.is_grad_enabled():
-            device = device or next(iter(banks.values())).all_expert_weights()[0][0].device
+            device = device or self.router.weight_blocks[0].device
             if device.type == "cpu":
                 return "sorted"
         return "grouped" if self.uses_grouped(banks) else "dense"
 
-    def dense_waste(self, banks: dict[str, ExpertMath] | None = None) -> float:
-        """The dense path's extra work relative to a base projection, about N r (1/d_in + 1/d_out)
-        (PERF-NOTES); N counts the experts the tokens may use (`banks`, default all)."""
-        bank = next(iter((dict(self.experts) if banks is None else banks).values()))
-        return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out)
-
     def uses_grouped(self, banks: dict[str, ExpertMath] | None = None) -> bool:
-        """Grouped GEMMs once `dense_waste` passes one half; dense below (static shapes, fewer
-        kernels)."""
+        """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
+        projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels). N counts
+        the experts the tokens may use (`banks`, default all)."""
         banks = dict(self.experts) if banks is None else banks
+        bank = next(iter(banks.values()))
         if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
             return False  # e.g. float64 or r = 3: the dense path
         if self.ctx.dispatch != "auto":
             return self.ctx.dispatch == "grouped"
-        return self.dense_waste(banks) > 0.5
+        return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
 
     def _dropout_slots(self, h_SF: Tensor, slots: SlotsKT | SortedSlots, T: int) -> Tensor:
         """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
