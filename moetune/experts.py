@@ -146,11 +146,12 @@ class LoRAExperts(ExpertMath, nn.Module):
     def add_block(
         self, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> None:
-        """Append n experts: A Kaiming-uniform (as nn.Linear and peft: bound 1/sqrt(d_in)), B = 0."""
+        """Append n experts: A Kaiming-uniform (as nn.Linear and peft: bound 1/sqrt(d_in)), B = 0.
+        A is drawn on the CPU, as peft does, then moved: one seed gives one adapter on every device."""
         if len(self.lora_A):
             dtype, device = dtype or self.lora_A[0].dtype, device or self.lora_A[0].device
         bound = 1.0 / math.sqrt(self.d_in)
-        A = torch.empty(n, self.r, self.d_in, dtype=dtype, device=device).uniform_(-bound, bound)
+        A = torch.empty(n, self.r, self.d_in, dtype=dtype).uniform_(-bound, bound).to(device=device)
         self.lora_A.append(nn.Parameter(A))
         self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
 

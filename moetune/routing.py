@@ -192,7 +192,8 @@ class Router(nn.Module):
         if task_routing != "none":
             self.task_embedding_blocks.append(self._new_task_rows(num_tasks, d_in, param_dtype, device))
         # AdaMoLE's threshold network (only for the threshold router)
-        self.threshold = nn.Linear(d_in, 1, device=device, dtype=param_dtype) if kind == "threshold" else None
+        threshold = nn.Linear(d_in, 1, dtype=param_dtype) if kind == "threshold" else None
+        self.threshold = None if threshold is None else threshold.to(device)  # initialised on the CPU
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=param_dtype, device=device))
         # running statistics (moetune.stats), not saved
         counts = torch.zeros(num_experts, dtype=torch.float64, device=device)
@@ -236,15 +237,16 @@ class Router(nn.Module):
 
     @staticmethod
     def _new_rows(n: int, d_in: int, dtype: torch.dtype, device: torch.device | None) -> nn.Parameter:
-        return nn.Parameter(torch.randn(n, d_in, dtype=dtype, device=device) * 0.02)
+        # random weights are drawn on the CPU (as peft's): one seed gives one router on every device
+        return nn.Parameter((torch.randn(n, d_in, dtype=dtype) * 0.02).to(device=device))
 
     def _new_task_rows(
         self, n: int, d_in: int, dtype: torch.dtype, device: torch.device | None
     ) -> nn.Parameter:
-        rows = torch.zeros(n, d_in, dtype=dtype, device=device)
+        rows = torch.zeros(n, d_in, dtype=dtype)
         if self.task_routing == "task":
             rows.normal_()
-        return nn.Parameter(rows)
+        return nn.Parameter(rows.to(device=device))
 
     def task_embedding(self, task: int) -> Tensor:
         """(d_in,) the learned embedding of task `task` (index in the model's task list)."""

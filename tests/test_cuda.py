@@ -54,6 +54,8 @@ PATHS = [
     (torch.bfloat16, "auto", "ffn", "dense"),  # float32 adapters over a bf16 base
     (torch.bfloat16, "bfloat16", "ffn", "grouped"),  # the bf16 grouped GEMM kernel (sm90+)
     (torch.bfloat16, "auto", "linear", "dense"),
+    (torch.float32, "auto", "ffn", "sorted"),  # slots sorted by expert (CPU inference's path), forced
+    (torch.bfloat16, "bfloat16", "ffn", "sorted"),
 ]
 
 
@@ -104,6 +106,19 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def test_adapter_initialisation_is_the_same_on_cuda() -> None:
+    """One seed, one adapter: built over a base on the GPU (as under ZeRO-3's zero.Init), the experts,
+    routers and attention LoRA are those built over the same base on the CPU."""
+    cfg = moetune.MoEConfig(num_experts=4, r=8, attn_r=4, router="threshold", task_routing="task")
+    adapters = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        model = moetune.get_moe_model(tiny_model("llama").to(device), cfg)
+        adapters[device] = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    assert adapters["cpu"].keys() == adapters["cuda"].keys()
+    assert _max_diff(adapters["cuda"], adapters["cpu"]) == 0
+
+
 def test_trainer_bf16_steps_on_cuda(tmp_path: Path, fresh_accelerate) -> None:
     model = moetune.get_moe_model(
         tiny_model("llama"), moetune.MoEConfig(num_experts=4, r=8, lora_dropout=0.0, attn_r=4)
@@ -145,14 +160,21 @@ def _launch(cmd: list[str], env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cpu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The adapter after tests/ddp_worker.py's `plain:4:1:0` run in this process on the CPU."""
-    out = tmp_path_factory.mktemp("cpu")
-    ddp_worker.main([str(out), "plain:4:1:0"])
-    return load_file(str(out / "plain-b4-ga1-log0" / "rank0" / WEIGHTS_NAME))
+def cpu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter before ("init") and after ("trained") tests/ddp_worker.py's `plain:4:1:0` run in this
+    process on the CPU."""
+    out = tmp_path_factory.mktemp("cpu") / "plain-b4-ga1-log0" / "rank0"
+    ddp_worker.main([str(out.parent.parent), "plain:4:1:0"])
+    return {
+        "init": load_file(str(out / "init" / WEIGHTS_NAME)),
+        "trained": load_file(str(out / WEIGHTS_NAME)),
+    }
 
 
-def _check_run(run_dir: Path, reference: dict[str, torch.Tensor], wrapped: str) -> None:
+def _check_run(run_dir: Path, cpu: dict[str, dict[str, torch.Tensor]], wrapped: str) -> None:
+    # the same adapter to start from: drawn on the CPU also where the base already is on the GPU (ZeRO-3)
+    assert _max_diff(load_file(str(run_dir / "rank0" / "init" / WEIGHTS_NAME)), cpu["init"]) == 0
+    reference = cpu["trained"]
     run = json.loads((run_dir / "rank0" / "run.json").read_text())
     assert run["wrapped"] == wrapped and run["steps"] == 5 and run["resumed_steps"] == 2
     resumed = load_file(str(run_dir / "rank0" / WEIGHTS_NAME))

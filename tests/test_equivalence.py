@@ -48,7 +48,8 @@ def run(
     else:
         out = model(**batch)
     logits = out.logits
-    probe = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+    probe = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
+    probe = probe.view_as(logits)
     ((logits * probe).sum() + model.weighted_aux_loss()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return logits.detach(), grads
