@@ -46,12 +46,39 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _real_rows(x: Tensor, mask: Tensor | None, lead: torch.Size) -> Tensor:
     """Flatten ``x`` of shape ``(*lead, ...)`` to rows and keep the rows where ``mask`` is set."""
+    x, real = _rows(x, mask, lead)
+    return x if real is None else x[real]  # (N, ...)
+
+
+def _rows(x: Tensor, mask: Tensor | None, lead: torch.Size) -> tuple[Tensor, Tensor | None]:
+    """``x`` of shape ``(*lead, ...)`` as rows ``(T, ...)`` with the padding rows zeroed (they may hold
+    NaN/inf), and the ``(T,)`` bool real-token mask (None: every token is real). The losses weight rows
+    by the mask instead of gathering the real ones: a boolean gather waits for its row count (a host
+    sync per loss on a GPU)."""
     x = x.reshape(lead.numel(), *x.shape[len(lead) :])  # (T, ...)
     if mask is None:
-        return x
+        return x, None
     if mask.shape != lead:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match leading shape {tuple(lead)}")
-    return x[mask.reshape(-1).bool()]  # (N, ...)
+    real = mask.reshape(-1).bool()  # (T,)
+    return torch.where(_per_row(real, x), x, x.new_zeros(())), real
+
+
+def _per_row(real_T: Tensor, x: Tensor) -> Tensor:
+    """The (T,) mask shaped to broadcast over the rows of ``x`` (T, ...)."""
+    return real_T.view(-1, *[1] * (x.dim() - 1))
+
+
+def _real_sum(x: Tensor, real: Tensor | None) -> Tensor:
+    """Sum over the real rows of ``x`` (T, ...), whose other rows are finite  -> (...)."""
+    return x.sum(dim=0) if real is None else (x * _per_row(real, x).to(x.dtype)).sum(dim=0)
+
+
+def _real_mean(x: Tensor, real: Tensor | None) -> Tensor:
+    """Mean over the real rows of ``x`` (T, ...), whose other rows are finite (0 without real rows)."""
+    if real is None:
+        return x.mean(dim=0)
+    return _real_sum(x, real) / real.sum().clamp_min(1).to(x.dtype)
 
 
 @_without_autocast
@@ -83,31 +110,27 @@ def switch_aux_loss(
     """
     E = logits.shape[-1]
     lead = logits.shape[:-1]
-    x = _upcast(_real_rows(logits, mask, lead))  # (N, E)
-    if x.shape[0] == 0:
-        return x.sum()
-    p = x.softmax(dim=-1)  # (N, E)
+    x, real = _rows(logits, mask, lead)
+    p = _upcast(x).softmax(dim=-1)  # (T, E)
     if selected is None:
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
-        counts = F.one_hot(x.topk(top_k, dim=-1).indices, E).sum(dim=-2)  # (N, E)
+        counts = F.one_hot(x.topk(top_k, dim=-1).indices, E).sum(dim=-2)  # (T, E)
     elif selected.dtype == torch.bool:
-        counts = _real_rows(selected, mask, lead)  # (N, E)
+        counts = _rows(selected, mask, lead)[0]  # (T, E)
     else:
-        counts = F.one_hot(_real_rows(selected, mask, lead).long(), E).sum(dim=-2)  # (N, E)
-    slots = counts.to(p.dtype).sum(dim=0)  # (E,)
-    f = slots / slots.sum().clamp_min(1)  # (E,)
-    P = p.mean(dim=0)  # (E,)
+        counts = F.one_hot(_rows(selected, mask, lead)[0].long(), E).sum(dim=-2)  # (T, E)
+    slots = _real_sum(counts.to(p.dtype), real)  # (E,)
+    f = slots / slots.sum().clamp_min(1)  # (E,); no real token: f = 0 and L = 0
+    P = _real_mean(p, real)  # (E,)
     return E * (f * P).sum()
 
 
 @_without_autocast
 def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Router z-loss (Zoph et al. 2022, "ST-MoE", eq. 5): ``mean_t (logsumexp_i z_{t,i})^2`` over real t."""
-    x = _upcast(_real_rows(logits, mask, logits.shape[:-1]))  # (N, E)
-    if x.shape[0] == 0:
-        return x.sum()
-    return x.logsumexp(dim=-1).square().mean()
+    x, real = _rows(_upcast(logits), mask, logits.shape[:-1])  # (T, E)
+    return _real_mean(x.logsumexp(dim=-1).square(), real)
 
 
 @_without_autocast
@@ -128,17 +151,15 @@ def importance_loss(
     """
     lead = logits.shape[:-1]
     if gates is not None:
-        G = _upcast(_real_rows(gates, mask, lead))  # (N, E)
+        G, real = _rows(_upcast(gates), mask, lead)  # (T, E)
     else:
-        x = _upcast(_real_rows(logits, mask, lead))  # (N, E)
+        x, real = _rows(_upcast(logits), mask, lead)  # (T, E)
         if top_k is None:
-            G = x.softmax(dim=-1)  # (N, E)
+            G = x.softmax(dim=-1)  # (T, E)
         else:
-            top, idx = x.topk(top_k, dim=-1)  # (N, k)
-            G = torch.zeros_like(x).scatter(-1, idx, top.softmax(dim=-1))  # (N, E)
-    if G.shape[0] == 0:
-        return G.sum()
-    imp = G.sum(dim=0)  # (E,)
+            top, idx = x.topk(top_k, dim=-1)  # (T, k)
+            G = torch.zeros_like(x).scatter(-1, idx, top.softmax(dim=-1))  # (T, E)
+    imp = _real_sum(G, real)  # (E,); no real token: 0 and L = 0
     return imp.var(correction=0) / (imp.mean().square() + 1e-10)
 
 

@@ -43,8 +43,9 @@ def accumulate_stats(
         router.step_counts += counts_E
     if task is not None:
         router.task_counts[task] += counts_E
-    p_NE = routing.probs[mask_T].to(torch.float64)
-    router.entropy_sum += -(p_NE * p_NE.clamp_min(1e-300).log()).sum()
+    p_TE = routing.probs.to(torch.float64)
+    entropy_T = -(p_TE * p_TE.clamp_min(1e-300).log()).sum(-1)
+    router.entropy_sum += torch.where(mask_T, entropy_T, 0.0).sum()  # a where, not a gather: no host sync
     router.token_count += mask_T.sum()
 
 

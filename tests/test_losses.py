@@ -300,11 +300,12 @@ def test_padding_rows_have_no_influence(fn):
     ref = fn(ref_x, torch.ones(5, dtype=torch.bool))
     loss = fn(x, mask)
     assert torch.isfinite(loss)
-    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    # float64 rounding apart (the padding rows are weighted by 0, not gathered out: sums run in another order)
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=1e-15)
     loss.backward()
     ref.backward()
     grad = x.grad.reshape(10, 6)
-    torch.testing.assert_close(grad[mask.reshape(-1).bool()], ref_x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad[mask.reshape(-1).bool()], ref_x.grad, rtol=1e-13, atol=1e-15)
     assert torch.equal(grad[~mask.reshape(-1).bool()], torch.zeros(5, 6, dtype=torch.float64))
 
 
