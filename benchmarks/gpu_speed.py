@@ -26,6 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS, moe_config  # noqa: E402
 
 DEFAULT_CONFIGS = "peft-lora-r16,moetune-ffn-e8,moetune-ffn-e64"
+# speed.py's configurations and, on the GPU, each ffn dispatch forced at E=8 and E=64 (MoEFFN.slot_path)
+GPU_CONFIGS = CONFIGS | {
+    f"moetune-{d}-e{e}": ("moetune", dict(expert_type="ffn", num_experts=e, dispatch=d))
+    for d in ("dense", "grouped", "sorted")
+    for e in (8, 64)
+}
 
 
 def build(
@@ -36,7 +42,7 @@ def build(
     torch.manual_seed(0)
     cfg = LlamaConfig(**MODELS[model_name], max_position_embeddings=4096, tie_word_embeddings=False)
     base = LlamaForCausalLM(cfg).to(dtype)
-    kind, opts = CONFIGS[config_name]
+    kind, opts = GPU_CONFIGS[config_name]
     torch.manual_seed(1)
     if kind == "peft":
         from peft import LoraConfig, get_peft_model
@@ -88,7 +94,8 @@ def time_config(model_name: str, config_name: str, args: argparse.Namespace) -> 
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        result[phase] = statistics.median(times)
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        result[phase], result[f"{phase}_iqr"] = median, (q1, q3)
         if phase == "train":
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result  # the model and optimizer go with this frame
@@ -97,7 +104,7 @@ def time_config(model_name: str, config_name: str, args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="small,ffn-heavy", help=f"comma list of {list(MODELS)}")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of speed.py's CONFIGS")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {list(GPU_CONFIGS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -118,23 +125,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device}, torch {torch.__version__}, {args.dtype}, batch {args.batch}x{args.seq}")
     results: dict[str, dict[str, Any]] = {}
     for model_name in args.models.split(","):
-        print(f"\n| {model_name} | train ms | ×LoRA | infer ms | ×LoRA | peak GiB | trainable |")
+        print(f"\n| {model_name} | train ms (IQR) | ×LoRA | infer ms (IQR) | ×LoRA | peak GiB | trainable |")
         print("|---|---|---|---|---|---|---|")
-        rows = {}
-        for c in configs:
-            rows[c] = time_config(model_name, c, args)
+        rows = results[model_name] = {}
+        for c in configs:  # each row as it comes (and the JSON after it): a run cut short keeps them
+            r = rows[c] = time_config(model_name, c, args)
             torch.cuda.empty_cache()
-        base = rows.get(BASELINE)
-        for name, r in rows.items():
-            ratio = {p: f"{r[p] / base[p]:.2f}" if base else "-" for p in ("train", "infer")}
+            base = rows.get(BASELINE)
+            cells = []
+            for p in ("train", "infer"):
+                q1, q3 = r[f"{p}_iqr"]
+                cells += [f"{r[p]:.2f} ({q1:.2f}-{q3:.2f})", f"{r[p] / base[p]:.2f}" if base else "-"]
             print(
-                f"| {name} | {r['train']:.2f} | {ratio['train']} | {r['infer']:.2f} | {ratio['infer']} "
-                f"| {r['peak_gib']:.2f} | {r['trainable'] / 1e6:.1f} M |",
+                f"| {c} | {' | '.join(cells)} | {r['peak_gib']:.2f} | {r['trainable'] / 1e6:.1f} M |",
                 flush=True,
             )
-        results[model_name] = rows
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+            if args.out:
+                Path(args.out).write_text(
+                    json.dumps({"device": device, "args": vars(args), "results": results}, indent=1)
+                )
 
 
 if __name__ == "__main__":

@@ -407,13 +407,17 @@ class MoEFFN(RoutedLayer):
     def uses_grouped(self, banks: dict[str, ExpertMath] | None = None) -> bool:
         """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
         projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels). N counts
-        the experts the tokens may use (`banks`, default all)."""
+        the experts the tokens may use (`banks`, default all). On CUDA, float32 adapters stay dense:
+        torch's float32 grouped GEMM is a loop of GEMMs (H100, benchmarks/README.md: E=64 training
+        step 2.2x the dense path's)."""
         banks = dict(self.experts) if banks is None else banks
         bank = next(iter(banks.values()))
         if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
             return False  # e.g. float64 or r = 3: the dense path
         if self.ctx.dispatch != "auto":
             return self.ctx.dispatch == "grouped"
+        if bank.dtype == torch.float32 and self.router.weight_blocks[0].device.type == "cuda":
+            return False
         return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
 
     def _dropout_slots(self, h_SF: Tensor, slots: SlotsKT | SortedSlots, T: int) -> Tensor:
