@@ -6,9 +6,10 @@ Conventions shared by the router losses:
 
 * ``logits`` has shape ``(..., E)``; the leading dimensions are flattened to ``T`` token rows.
 * ``mask`` has the leading shape, 1/True for real tokens and 0/False for padding; ``None`` means all real.
-  Padding rows are dropped (boolean indexing) *before* any arithmetic, so they may hold anything
-  (±1e30, inf, nan): the value and gradients are exactly those of the real rows alone, and padding rows
-  get a zero gradient.
+  Padding rows are zeroed (``torch.where``) *before* any arithmetic and weighted by 0, so they may hold
+  anything (±1e30, inf, nan): the value and gradients are those of the real rows alone (up to the
+  rounding of sums taken in another order), and padding rows get a zero gradient. Weighting instead of
+  gathering the real rows spares a GPU one host sync per loss.
 * float16/bfloat16 inputs are computed in float32; float32 and float64 are kept, also under
   torch.autocast (turned off inside each loss: its einsum/matmul would run in bf16/fp16).
 * With no real token (or no valid term) the result is a zero that is still connected to the graph.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moetune.routing import no_autocast
+from moetune.routing import Routing, no_autocast
 
 CONTRASTIVE_MODES = ("expert", "survey")
 
@@ -124,6 +125,32 @@ def switch_aux_loss(
     f = slots / slots.sum().clamp_min(1)  # (E,); no real token: f = 0 and L = 0
     P = _real_mean(p, real)  # (E,)
     return E * (f * P).sum()
+
+
+@_without_autocast
+def balance_losses(routing: Routing, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """One router's three balance losses in one pass (what a MoE layer adds each forward, SPEC §3):
+
+        aux_loss         switch_aux_loss(logits, selected=routing.assignment())
+        z_loss           z_loss(logits)
+        importance_loss  importance_loss(logits, gates=routing.dense_weights())
+
+    over the real tokens of ``mask`` (T,), equal to those functions (tests/test_losses.py). They share
+    the masking and the upcast logits: fewer operations, which on a GPU are kernel launches, once per
+    layer and forward. (The softmax is taken again from the masked logits rather than read from
+    ``routing.probs``, so that, as in `switch_aux_loss`, no padding row reaches its gradient.)
+    """
+    logits, real = _rows(_upcast(routing.logits), mask, routing.logits.shape[:-1])  # (T, E)
+    E = logits.shape[-1]
+    p = logits.softmax(dim=-1)  # (T, E)
+    slots = _real_sum(routing.assignment().to(p.dtype), real)  # (E,)
+    f = slots / slots.sum().clamp_min(1)  # (E,)
+    imp = _real_sum(_rows(_upcast(routing.dense_weights()), mask, logits.shape[:-1])[0], real)  # (E,)
+    return {
+        "aux_loss": E * (f * _real_mean(p, real)).sum(),
+        "z_loss": _real_mean(logits.logsumexp(dim=-1).square(), real),
+        "importance_loss": imp.var(correction=0) / (imp.mean().square() + 1e-10),
+    }
 
 
 @_without_autocast

@@ -166,11 +166,7 @@ class MoEModel(nn.Module):
     def _record_losses(self, rec: RouterRecord, with_contrastive: bool) -> dict[str, Tensor]:
         """One router's balance losses (SPEC §3)."""
         cfg, r = self.moe_config, rec.routing
-        out = {
-            "aux_loss": losses.switch_aux_loss(r.logits, cfg.top_k, mask=rec.mask, selected=r.assignment()),
-            "z_loss": losses.z_loss(r.logits, mask=rec.mask),
-            "importance_loss": losses.importance_loss(r.logits, mask=rec.mask, gates=r.dense_weights()),
-        }
+        out = losses.balance_losses(r, rec.mask)
         if with_contrastive:
             out["contrastive_loss"] = losses.contrastive_loss(
                 rec.expert_outputs,

@@ -329,3 +329,44 @@ def test_dtypes(fn):
         (torch.float64, torch.float64),
     ]:
         assert fn(x.to(dtype), mask).dtype == want
+
+
+@pytest.mark.parametrize("kind", ["topk", "topp", "soft", "switch", "threshold"])
+def test_balance_losses_equal_the_three_losses(kind):
+    """The fused per-router pass equals switch_aux_loss / z_loss / importance_loss on the routing's own
+    slots and combine weights, in value and in the logits' gradient; padding rows hold extreme values
+    (the router's softmax runs on them: NaN there would reach the gradient through the combine weights,
+    before any loss, in both) and get no gradient."""
+    from moetune.losses import balance_losses
+    from moetune.routing import ROUTING_FUNCTIONS, Routing
+
+    g = torch.Generator().manual_seed(3)
+    T, E = 11, 6
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    base = (2 * torch.randn(T, E, dtype=torch.float64, generator=g)).masked_fill(~mask[:, None], 1e4)
+    base[2, 0] = -1e30
+
+    def routing(logits: torch.Tensor) -> Routing:
+        probs = logits.softmax(-1)
+        tau = torch.full((T, 1), 1.0 / E, dtype=torch.float64)
+        idx, w, active = ROUTING_FUNCTIONS[kind](
+            probs, probs, logits=logits, mask=mask, top_k=2, top_p=0.6, capacity_factor=1.0, tau=tau
+        )
+        return Routing(logits, probs, idx, w, active)
+
+    fused_x, split_x = base.clone().requires_grad_(), base.clone().requires_grad_()
+    fused = balance_losses(routing(fused_x), mask)
+    r = routing(split_x)
+    split = {
+        "aux_loss": switch_aux_loss(r.logits, 2, mask=mask, selected=r.assignment()),
+        "z_loss": z_loss(r.logits, mask=mask),
+        "importance_loss": importance_loss(r.logits, mask=mask, gates=r.dense_weights()),
+    }
+    assert fused.keys() == split.keys()
+    for name in split:
+        assert torch.isfinite(fused[name]), name
+        torch.testing.assert_close(fused[name], split[name], rtol=1e-12, atol=1e-15, msg=name)
+    sum(fused.values()).backward()
+    sum(split.values()).backward()
+    assert torch.equal(fused_x.grad[~mask], torch.zeros(3, E, dtype=torch.float64))
+    torch.testing.assert_close(fused_x.grad, split_x.grad, rtol=1e-12, atol=1e-15)
