@@ -68,7 +68,10 @@ class RoutingContext:
     aux_tap: AuxTap | None = None
 
     def recomputing(self) -> bool:
-        """True while autograd's backward re-runs a forward (activation checkpointing)."""
+        """True while autograd's backward re-runs a forward (activation checkpointing). False while
+        torch.compile traces: a compiled graph recomputes without running this Python again."""
+        if torch.compiler.is_compiling():
+            return False
         return self.replay is not None and torch._C._current_graph_task_id() != -1
 
     def now(self) -> RoutingContext:
@@ -393,12 +396,14 @@ class MoEFFN(RoutedLayer):
           grouped 1.12-1.30x, dense 1.39-1.58x; at E=8 sorted and dense within noise of each
           other (1.05-1.11x). With OMP_WAIT_POLICY=PASSIVE the sorted path's per-expert GEMMs
           cost thread wake-ups: at E=8 it is then about 3% slower than dense.
-        - otherwise "grouped" (`uses_grouped`) or "dense".
+        - otherwise "grouped" (`uses_grouped`) or "dense". Also under torch.compile: the sorted path's
+          group sizes are data-dependent shapes (a graph break per layer).
         """
         banks = dict(self.experts) if banks is None else banks
         if self.ctx.dispatch == "sorted":
             return "sorted"
-        if self.ctx.dispatch == "auto" and not self.training and not torch.is_grad_enabled():
+        eager = not torch.compiler.is_compiling()
+        if self.ctx.dispatch == "auto" and eager and not self.training and not torch.is_grad_enabled():
             device = device or self.router.weight_blocks[0].device
             if device.type == "cpu":
                 return "sorted"
@@ -418,6 +423,8 @@ class MoEFFN(RoutedLayer):
             return self.ctx.dispatch == "grouped"
         if bank.dtype == torch.float32 and self.router.weight_blocks[0].device.type == "cuda":
             return False
+        if bank.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return False  # torch.compile traces torch._grouped_mm for bf16 alone (torch 2.13)
         return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
 
     def _dropout_slots(self, h_SF: Tensor, slots: SlotsKT | SortedSlots, T: int) -> Tensor:
