@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from typing import Any
 
@@ -42,6 +43,9 @@ from moetune.run import (
     training_mixture,
 )
 from moetune.stages import run_stages
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from outputs import write_outputs  # noqa: E402
 
 TASK_A, TASK_B = "topic", "sentiment"
 CONFIGS = ("peft-lora-seq", "moetune-shared", "moetune-expand")
@@ -228,12 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown_table(results)
     print(table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    write_outputs(args.out, results, args.markdown, table)
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outputs import write_text  # noqa: E402
 from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS, moe_config  # noqa: E402
 
 DEFAULT_CONFIGS = "peft-lora-r16,moetune-ffn-e8,moetune-ffn-e64"
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             if args.out:
-                Path(args.out).write_text(
-                    json.dumps({"device": device, "args": vars(args), "results": results}, indent=1)
+                write_text(
+                    args.out, json.dumps({"device": device, "args": vars(args), "results": results}, indent=1)
                 )
 
 

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from outputs import write_outputs  # noqa: E402
 from speed import ATTN, CONFIGS, MLP, MODELS, _malloc_trim, _proc_status, _reset_hwm, moe_config  # noqa: E402
 
 ADAPTERS = ("peft-lora-r16", "moetune-e8")
@@ -168,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     meta = {k: getattr(args, k) for k in ("model", "batch", "seq", "steps", "threads", "dropout")}
     meta |= {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump({"settings": meta, "results": results}, fh, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    write_outputs(args.out, {"settings": meta, "results": results}, args.markdown, table)
     return 0
 
 

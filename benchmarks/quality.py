@@ -36,6 +36,9 @@ import torch
 from moetune import demo
 from moetune.run import RunConfig, evaluate_tasks, train_and_evaluate, trainer_inputs, training_mixture
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from outputs import write_outputs  # noqa: E402
+
 CONFIGS = ("base", "peft-lora-r16", "peft-lora-matched", "moetune-e8")
 PEFT_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # the Llama MLP projections moetune's experts adapt
 PEFT_R16 = 16
@@ -281,12 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "labels": {name: label(name, counts) for name in results},
         "results": results,
     }
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    write_outputs(args.out, report, args.markdown, table)
     print("\n" + table, flush=True)
     return 0
 

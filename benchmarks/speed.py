@@ -36,6 +36,8 @@ import tempfile
 import time
 from typing import Any
 
+from outputs import write_outputs  # benchmarks/outputs.py: scripts run from benchmarks/
+
 MODELS: dict[str, dict[str, int]] = {
     "small": dict(
         hidden_size=512,
@@ -803,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, res in results["models"].items():
             results["ratios"][model] = ratios(res, phases)
             results["targets"][model] = targets(res, results["ratios"][model])
-        write_outputs(results, results["meta"], args)
+        write_results(results, results["meta"], args)
         print(markdown(results, results["meta"]))
         return 0
     import torch
@@ -842,18 +844,13 @@ def main(argv: list[str] | None = None) -> int:
             results["ratios"][model] = ratios(res, args.phases)
             results["targets"][model] = targets(res, results["ratios"][model])
             meta["wall_s"] = time.time() - t0
-            write_outputs(results, meta, args)  # after each model: a later crash keeps what was measured
+            write_results(results, meta, args)  # after each model: a later crash keeps what was measured
     print(markdown(results, meta))
     return 0
 
 
-def write_outputs(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(markdown(results, meta) + "\n")
+def write_results(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    write_outputs(args.out, results, args.markdown, markdown(results, meta) + "\n", indent=1)
 
 
 if __name__ == "__main__":
