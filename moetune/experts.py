@@ -156,7 +156,9 @@ class LoRAExperts(ExpertMath, nn.Module):
         self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        return list(zip(self.lora_A, self.lora_B, strict=True))
+        # the lists' own parameter dicts: iterating an nn.ParameterList indexes it item by item through
+        # string keys, about 20 us a call, and the fast paths ask tens of times per layer and forward
+        return list(zip(self.lora_A._parameters.values(), self.lora_B._parameters.values(), strict=True))
 
     def extra_repr(self) -> str:
         sizes = [a.shape[0] for a in self.lora_A]
