@@ -156,9 +156,11 @@ class LoRAExperts(ExpertMath, nn.Module):
         self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        # the lists' own parameter dicts: iterating an nn.ParameterList indexes it item by item through
-        # string keys, about 20 us a call, and the fast paths ask tens of times per layer and forward
-        return list(zip(self.lora_A._parameters.values(), self.lora_B._parameters.values(), strict=True))
+        # read through the lists' own parameter dicts: iterating an nn.ParameterList converts every index
+        # to a string key, about 20 us a call, and the fast paths ask tens of times per layer and forward.
+        # Item access (not .values()) keeps DeepSpeed ZeRO-3's gathering dict in the loop.
+        params_A, params_B = self.lora_A._parameters, self.lora_B._parameters
+        return [(params_A[key], params_B[key]) for key in params_A]
 
     def extra_repr(self) -> str:
         sizes = [a.shape[0] for a in self.lora_A]
