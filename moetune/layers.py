@@ -413,8 +413,8 @@ class MoEFFN(RoutedLayer):
         """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
         projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels). N counts
         the experts the tokens may use (`banks`, default all). On CUDA, float32 adapters stay dense:
-        torch's float32 grouped GEMM is a loop of GEMMs (H100, benchmarks/README.md: E=64 training
-        step 2.2x the dense path's)."""
+        torch's float32 grouped GEMM is a loop of GEMMs (H100, benchmarks/results/gpu-speed-h100.md:
+        E=64 training step 2.1-2.6x the dense path's)."""
         banks = dict(self.experts) if banks is None else banks
         bank = next(iter(banks.values()))
         if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
