@@ -52,3 +52,26 @@ def test_compiled_step_equals_eager(expert_type: str) -> None:
     for name, g in grads.items():
         torch.testing.assert_close(c_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_trainer_torch_compile_trains_as_eager(tmp_path) -> None:
+    """`TrainingArguments(torch_compile=True)`: MoETrainer trains the compiled model (its balance-loss
+    logs, bias updates and router group included) to the adapter the eager run reaches."""
+    from tests.test_training import snapshot, trainer
+
+    runs = {}
+    for compiled in (False, True):
+        dynamo.reset()
+        kwargs = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        moe = dict(router_jitter=0.0, lora_dropout=0.0)  # no randomness that could differ between runs
+        t = trainer(str(tmp_path / str(compiled)), max_steps=4, moe=moe, save_strategy="no", **kwargs)
+        init = snapshot(t)
+        t.train()
+        logs = [log for log in t.state.log_history if "loss" in log]
+        runs[compiled] = (logs, snapshot(t), type(t.model_wrapped).__name__)
+    (logs, adapter, _), (c_logs, c_adapter, c_wrapped) = runs[False], runs[True]
+    assert c_wrapped == "OptimizedModule"
+    for key in ("loss", "moe/aux_loss", "moe/z_loss", "moe/importance_loss"):
+        assert [log[key] for log in c_logs] == pytest.approx([log[key] for log in logs], rel=1e-5), key
+    assert max(float((c_adapter[k] - adapter[k]).abs().max()) for k in adapter) < 1e-4
+    assert max(float((adapter[k] - v).abs().max()) for k, v in init.items()) > 1e-3  # it did train
