@@ -1,7 +1,8 @@
 """torch.compile: a moetune model traces into one graph per forward (the only break is the finiteness
 check after the base model, which reads one flag to the host), and the compiled model computes what
-the eager one does: logits, balance losses and every gradient. Backend "aot_eager" traces forward and
-backward as inductor would, without generating code (fast enough for the suite)."""
+the eager one does: logits, balance losses and every gradient; MoETrainer with `torch_compile=True`
+trains as eager. Backend "aot_eager" traces forward and backward as inductor would, without
+generating code (fast enough for the suite)."""
 
 from __future__ import annotations
 
