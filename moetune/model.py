@@ -49,6 +49,8 @@ class MoEModel(nn.Module):
         self.moe_config = config
         self._ctx = RoutingContext(contrastive_sample=config.contrastive_sample)
         self._aux: dict[str, Tensor] = {}
+        # an inference forward's routing records (no autograd, no labels): its losses when asked
+        self._pending: list[RouterRecord] | None = None
         # skip_nonfinite=True: what was NaN/inf in the last routed forward (None: all finite); for trainers
         self.nonfinite: str | None = None
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
@@ -118,9 +120,13 @@ class MoEModel(nn.Module):
             self._tap = self._tap_if_detached(records)
             ctx.replay.aux_tap = self._tap
             self.nonfinite = None
-            per_router = self._balance_losses(records)
-            self._check_finite(records, per_router)
-            self._aux = {name: values.mean() for name, values in per_router.items()}
+            if torch.is_grad_enabled() or labels is not None:
+                per_router = self._balance_losses(records)
+                self._check_finite(records, per_router)
+                self._aux, self._pending = {name: values.mean() for name, values in per_router.items()}, None
+            else:  # inference (generation too): nothing needs the losses unless `aux_losses` asks
+                self._check_finite(records, {})
+                self._aux, self._pending = {}, records
             if (
                 self.balance_losses_in_output
                 and labels is not None
@@ -180,8 +186,10 @@ class MoEModel(nn.Module):
         """NaN/inf in a router's logits (real tokens only) or its balance losses: a FloatingPointError
         naming the first such layer, or with `skip_nonfinite` the problem kept in `self.nonfinite`."""
         logits_ok_R = torch.stack([(r.routing.logits.isfinite().all(-1) | ~r.mask).all() for r in records])
-        losses_ok_LR = torch.stack([values.isfinite() for values in per_router.values()])
-        ok_R = logits_ok_R & losses_ok_LR.all(0)
+        ok_R = logits_ok_R
+        if per_router:
+            losses_ok_LR = torch.stack([values.isfinite() for values in per_router.values()])
+            ok_R = logits_ok_R & losses_ok_LR.all(0)
         if bool(ok_R.all()):
             return
         i = int((~ok_R).nonzero()[0, 0])
@@ -206,11 +214,12 @@ class MoEModel(nn.Module):
         """sum_l coef_l * loss_l of the last forward (what `out.loss` adds). After a forward that routed
         without autograd (reentrant checkpointing) its gradient is handed to the layers' recomputed
         losses in backward (moetune.checkpointing)."""
-        terms = self._weighted_terms(self._aux)
+        aux = self.aux_losses()
+        terms = self._weighted_terms(aux)
         if terms:
             total = torch.stack(terms).sum()
             return total if self._tap is None else tap_gradient(total, self._tap)
-        device = next(iter(self._aux.values())).device if self._aux else None
+        device = next(iter(aux.values())).device if aux else None
         return torch.zeros((), device=device)
 
     def _weighted_terms(self, losses: dict[str, Tensor]) -> list[Tensor]:
@@ -219,7 +228,11 @@ class MoEModel(nn.Module):
         return [coefs[name] * value for name, value in losses.items() if coefs[name] > 0]
 
     def aux_losses(self) -> dict[str, Tensor]:
-        """Balance losses of the last forward (unweighted, averaged over routers)."""
+        """Balance losses of the last forward (unweighted, averaged over routers). After an inference
+        forward (no autograd, no labels) they are computed here, on first asking."""
+        if self._pending is not None:
+            per_router = self._balance_losses(self._pending)
+            self._aux, self._pending = {name: values.mean() for name, values in per_router.items()}, None
         return dict(self._aux)
 
     # ---- the moetune modules ---------------------------------------------------------------------

@@ -73,3 +73,39 @@ def test_nonfinite_router_input_names_the_layer() -> None:
     model.get_base_model().model.layers[1].input_layernorm.weight.data[0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"layers\.1\.mlp"):
         model(**tiny_batch("llama"))
+
+
+def test_inference_forward_computes_balance_losses_only_when_asked(monkeypatch) -> None:
+    """Without autograd and labels (inference, generation) the balance losses wait for `aux_losses` /
+    `weighted_aux_loss`, and are then those of that forward; with labels or autograd they come at once."""
+    import moetune.model as model_module
+
+    cfg = moetune.MoEConfig(num_experts=4, importance_loss_coef=0.3)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    batch = tiny_batch("llama")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    expected = (model(**inputs).logits, model.aux_losses(), model.weighted_aux_loss())  # with autograd
+    calls = []
+    real = model_module.losses.balance_losses
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.losses, "balance_losses", counted)
+    layers = len(list(model.moe_layers()))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert calls == []  # nothing computed yet
+        aux = model.aux_losses()
+        assert len(calls) == layers
+        weighted = model.weighted_aux_loss()
+        assert len(calls) == layers  # computed once
+        model(**batch)  # labels: the loss needs them now
+        assert len(calls) == 2 * layers
+    torch.testing.assert_close(logits, expected[0].detach())
+    assert aux.keys() == expected[1].keys()
+    for name in aux:
+        torch.testing.assert_close(aux[name], expected[1][name].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(weighted, expected[2].detach(), rtol=0, atol=0)
