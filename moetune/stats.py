@@ -43,8 +43,7 @@ def accumulate_stats(
         router.step_counts += counts_E
     if task is not None:
         router.task_counts[task] += counts_E
-    p_TE = routing.probs.to(torch.float64)
-    entropy_T = -(p_TE * p_TE.clamp_min(1e-300).log()).sum(-1)
+    entropy_T = torch.special.entr(routing.probs.to(torch.float64)).sum(-1)  # -sum p log p, 0 log 0 = 0
     router.entropy_sum += torch.where(mask_T, entropy_T, 0.0).sum()  # a where, not a gather: no host sync
     router.token_count += mask_T.sum()
 
