@@ -82,6 +82,24 @@ def _real_mean(x: Tensor, real: Tensor | None) -> Tensor:
     return _real_sum(x, real) / real.sum().clamp_min(1).to(x.dtype)
 
 
+def _switch(p: Tensor, counts: Tensor, real: Tensor | None) -> Tensor:
+    """E sum_i f_i P_i from the probabilities p (T, E) and the slots each row gives each expert (T, E)."""
+    slots = _real_sum(counts.to(p.dtype), real)  # (E,)
+    f = slots / slots.sum().clamp_min(1)  # (E,); no real token: f = 0 and L = 0
+    return p.shape[-1] * (f * _real_mean(p, real)).sum()
+
+
+def _z(x: Tensor, real: Tensor | None) -> Tensor:
+    """mean over real rows of logsumexp(x)^2, x (T, E)."""
+    return _real_mean(x.logsumexp(dim=-1).square(), real)
+
+
+def _cv_squared(G: Tensor, real: Tensor | None) -> Tensor:
+    """CV^2 over the experts of the gates G (T, E) summed over real rows (0 without real rows)."""
+    imp = _real_sum(G, real)  # (E,)
+    return imp.var(correction=0) / (imp.mean().square() + 1e-10)
+
+
 @_without_autocast
 def switch_aux_loss(
     logits: Tensor, top_k: int, mask: Tensor | None = None, selected: Tensor | None = None
@@ -121,10 +139,7 @@ def switch_aux_loss(
         counts = _rows(selected, mask, lead)[0]  # (T, E)
     else:
         counts = F.one_hot(_rows(selected, mask, lead)[0].long(), E).sum(dim=-2)  # (T, E)
-    slots = _real_sum(counts.to(p.dtype), real)  # (E,)
-    f = slots / slots.sum().clamp_min(1)  # (E,); no real token: f = 0 and L = 0
-    P = _real_mean(p, real)  # (E,)
-    return E * (f * P).sum()
+    return _switch(p, counts, real)
 
 
 @_without_autocast
@@ -140,16 +155,13 @@ def balance_losses(routing: Routing, mask: Tensor | None = None) -> dict[str, Te
     layer and forward. (The softmax is taken again from the masked logits rather than read from
     ``routing.probs``, so that, as in `switch_aux_loss`, no padding row reaches its gradient.)
     """
-    logits, real = _rows(_upcast(routing.logits), mask, routing.logits.shape[:-1])  # (T, E)
-    E = logits.shape[-1]
-    p = logits.softmax(dim=-1)  # (T, E)
-    slots = _real_sum(routing.assignment().to(p.dtype), real)  # (E,)
-    f = slots / slots.sum().clamp_min(1)  # (E,)
-    imp = _real_sum(_rows(_upcast(routing.dense_weights()), mask, logits.shape[:-1])[0], real)  # (E,)
+    lead = routing.logits.shape[:-1]
+    logits, real = _rows(_upcast(routing.logits), mask, lead)  # (T, E)
+    gates = _rows(_upcast(routing.dense_weights()), mask, lead)[0]  # (T, E)
     return {
-        "aux_loss": E * (f * _real_mean(p, real)).sum(),
-        "z_loss": _real_mean(logits.logsumexp(dim=-1).square(), real),
-        "importance_loss": imp.var(correction=0) / (imp.mean().square() + 1e-10),
+        "aux_loss": _switch(logits.softmax(dim=-1), routing.assignment(), real),
+        "z_loss": _z(logits, real),
+        "importance_loss": _cv_squared(gates, real),
     }
 
 
@@ -157,7 +169,7 @@ def balance_losses(routing: Routing, mask: Tensor | None = None) -> dict[str, Te
 def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Router z-loss (Zoph et al. 2022, "ST-MoE", eq. 5): ``mean_t (logsumexp_i z_{t,i})^2`` over real t."""
     x, real = _rows(_upcast(logits), mask, logits.shape[:-1])  # (T, E)
-    return _real_mean(x.logsumexp(dim=-1).square(), real)
+    return _z(x, real)
 
 
 @_without_autocast
@@ -186,8 +198,7 @@ def importance_loss(
         else:
             top, idx = x.topk(top_k, dim=-1)  # (T, k)
             G = torch.zeros_like(x).scatter(-1, idx, top.softmax(dim=-1))  # (T, E)
-    imp = _real_sum(G, real)  # (E,); no real token: 0 and L = 0
-    return imp.var(correction=0) / (imp.mean().square() + 1e-10)
+    return _cv_squared(G, real)
 
 
 def _cosine_unit(o: Tensor, eps: float) -> Tensor:
