@@ -123,7 +123,7 @@ class MoEModel(nn.Module):
             if torch.is_grad_enabled() or labels is not None:
                 per_router = self._balance_losses(records)
                 self._check_finite(records, per_router)
-                self._aux, self._pending = {name: values.mean() for name, values in per_router.items()}, None
+                self._aux, self._pending = _mean_over_routers(per_router), None
             else:  # inference (generation too): nothing needs the losses unless `aux_losses` asks
                 self._check_finite(records, {})
                 self._aux, self._pending = {}, records
@@ -231,8 +231,7 @@ class MoEModel(nn.Module):
         """Balance losses of the last forward (unweighted, averaged over routers). After an inference
         forward (no autograd, no labels) they are computed here, on first asking."""
         if self._pending is not None:
-            per_router = self._balance_losses(self._pending)
-            self._aux, self._pending = {name: values.mean() for name, values in per_router.items()}, None
+            self._aux, self._pending = _mean_over_routers(self._balance_losses(self._pending)), None
         return dict(self._aux)
 
     # ---- the moetune modules ---------------------------------------------------------------------
@@ -483,3 +482,8 @@ class MoEModel(nn.Module):
 def get_moe_model(model: nn.Module, config: MoEConfig | None = None) -> MoEModel:
     """Inject LoRA experts into `model` in place, freeze its weights, and wrap it in a `MoEModel`."""
     return MoEModel(model, config or MoEConfig())
+
+
+def _mean_over_routers(per_router: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each balance loss averaged over the routers (SPEC §3): name -> (R,) values  -> name -> 0-dim."""
+    return {name: values.mean() for name, values in per_router.items()}
