@@ -208,6 +208,10 @@ class SlotGroups:
         offsets = torch.bincount(expert_S, minlength=num_experts).cumsum(0).to(torch.int32)
         return cls(order, order % T, inverse, offsets)
 
+    def sorted(self, t_TK: Tensor) -> Tensor:
+        """A per-slot tensor (T, K) in expert order  -> (S,)."""
+        return t_TK.T.reshape(-1)[self.order]
+
 
 def grouped_mm(x_SD: Tensor, w_NDF: Tensor, groups: SlotGroups) -> Tensor:
     """Rows of group j times w_NDF[j]  -> (S, F)."""
@@ -288,7 +292,7 @@ class GroupedSlots(SlotsKT):
     def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
         groups = self.groups
         h_SF = h_KTF.reshape(self.K * self.T, -1).index_select(0, groups.order).to(bank.dtype)
-        gate_S1 = (self.w_TK.T.reshape(-1)[groups.order] * bank.scaling)[:, None].to(bank.dtype)
+        gate_S1 = (groups.sorted(self.w_TK) * bank.scaling)[:, None].to(bank.dtype)
         delta_SD = grouped_mm(grouped_mm(h_SF, bank.A_T(), groups) * gate_S1, bank.B_T(), groups)
         out_TD = torch.zeros(self.T, bank.d_out, dtype=bank.dtype, device=h_SF.device)
         return out_TD.index_add(0, groups.token, delta_SD)
@@ -308,7 +312,7 @@ class SortedSlots:
         self.T = T = idx_TK.shape[0]
         groups = SlotGroups.build(idx_TK, num_experts)
         self.token = groups.token  # (S,) token of each sorted slot
-        self.w_S1 = w_TK.T.reshape(-1)[groups.order][:, None]
+        self.w_S1 = groups.sorted(w_TK)[:, None]
         ends = groups.offsets.tolist()  # host sync
         starts = [0, *ends[:-1]]
         self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
@@ -319,7 +323,7 @@ class SortedSlots:
         N, K, r, dtype = banks[0].num_experts, idx_TK.shape[1], banks[0].r, banks[0].dtype
         if N <= 4 * K:  # all experts in one GEMM (at most 4x the work), then a gather
             xA_TPNr = (xd_TD.to(dtype) @ torch.cat([b.flat_A() for b in banks]).T).view(T, -1, N, r)
-            expert_S = idx_TK.T.reshape(-1)[groups.order]  # (S,) expert of each sorted slot
+            expert_S = groups.sorted(idx_TK)  # (S,) expert of each sorted slot
             self.xA = dict(zip(in_banks, xA_TPNr[self.token, :, expert_S].unbind(1), strict=True))
         else:  # one small GEMM per expert over its rows
             x_SD = xd_TD.to(dtype).index_select(0, self.token)
