@@ -328,13 +328,23 @@ def worker_main(spec: dict[str, Any]) -> None:
         hwm_ok = _reset_hwm() and hwm_ok
         rss0 = _proc_status("VmRSS")
         try:
-            c0, t0 = time.process_time(), time.perf_counter()
+            r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
             bench.run(cmd["op"])
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
         except Exception as err:
             send({"error": f"{type(err).__name__}: {err}"})
             return
-        send({"t": dt, "cpu": cpu, "rss_before_kb": rss0, "hwm_kb": _proc_status("VmHWM") if hwm_ok else -1})
+        send(
+            {
+                "t": dt,
+                "cpu": cpu,
+                "sys": r1.ru_stime - r0.ru_stime,  # kernel time: page faults, mostly
+                "minflt": r1.ru_minflt - r0.ru_minflt,
+                "rss_before_kb": rss0,
+                "hwm_kb": _proc_status("VmHWM") if hwm_ok else -1,
+            }
+        )
 
 
 class Worker:
@@ -545,6 +555,8 @@ def run_model(
             # CPU seconds of the worker (all its threads): less sensitive to other processes on the machine
             st["cpu_median"] = statistics.median(m["cpu"] for m in msgs)
             st["cpu_samples"] = [m["cpu"] for m in msgs]
+            st["sys_samples"] = [m.get("sys") for m in msgs]
+            st["minflt_samples"] = [m.get("minflt") for m in msgs]
             st["others_samples"] = [m["others"] for m in msgs]  # other processes' CPU share per sample
             others = [o for o in st["others_samples"] if o == o]
             st["others_cpu_max"] = max(others) if others else None

@@ -241,12 +241,42 @@ class SlotsKT:
         return y_TD + delta_TD.to(y_TD.dtype)
 
     def mix(self, h_KTF: Tensor, init_TF: Tensor | None = None) -> Tensor:
-        """init + sum_k w_tk h_tk  -> (T, F)."""
-        w_KT1 = self.w_TK.T[..., None].to(h_KTF.dtype)
-        mixed_TF = h_KTF[0] * w_KT1[0] if init_TF is None else init_TF.addcmul_(h_KTF[0], w_KT1[0])
-        for k in range(1, h_KTF.shape[0]):
-            mixed_TF.addcmul_(h_KTF[k], w_KT1[k])  # autograd-safe: addcmul keeps h and w, not mixed
+        """init + sum_k w_tk h_tk  -> (T, F); `init_TF`, a fresh tensor, is updated in place."""
+        return WeightedSlotSum.apply(h_KTF, self.w_TK.T.to(h_KTF.dtype), init_TF)
+
+
+class WeightedSlotSum(torch.autograd.Function):
+    """init + sum_k w_kt h_kt  -> (T, F), with a backward that writes one (K, T, F) gradient.
+
+    Autograd of the loop over k would give each slot's select `h_KTF[k]` its own zero-padded (K, T, F)
+    gradient and add them up: four (K, T, F) tensors where one is needed. Measured on the ffn-heavy
+    benchmark shape (K=2, T=2048, F=5504, fp32, 2 cores): forward + backward 153 -> 48 ms, fresh memory
+    516 -> 129 MB (on CPU every large tensor is fresh pages, and page faults are a large part of a step).
+    With or without autograd the sum runs in the same order, so the results are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, h_KTF: Tensor, w_KT: Tensor, init_TF: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h_KTF, w_KT)
+        if init_TF is None:
+            mixed_TF, first = h_KTF[0] * w_KT[0, :, None], 1
+        else:
+            ctx.mark_dirty(init_TF)
+            mixed_TF, first = init_TF, 0
+        for k in range(first, h_KTF.shape[0]):
+            mixed_TF.addcmul_(h_KTF[k], w_KT[k, :, None])
         return mixed_TF
+
+    @staticmethod
+    def backward(ctx, grad_TF: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h_KTF, w_KT = ctx.saved_tensors
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_TF.unsqueeze(0) * w_KT[..., None]  # (K, T, F)
+        if ctx.needs_input_grad[1]:
+            # <h_kt, grad_t> for every (k, t): T batched (K, F) @ (F, 1) products, no (K, T, F) temporary
+            grad_w = torch.bmm(h_KTF.transpose(0, 1), grad_TF.unsqueeze(-1)).squeeze(-1).T
+        return grad_h, grad_w, grad_TF if ctx.needs_input_grad[2] else None
 
 
 class DenseSlots(SlotsKT):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import moetune
-from moetune.experts import LoRAExperts
+from moetune.experts import LoRAExperts, WeightedSlotSum
 from moetune.layers import MoEFFN, MoELinear, RoutingContext
 
 try:
@@ -357,6 +357,47 @@ def test_ffn_layer_by_hand() -> None:
     for reference in (False, True):
         layer.ctx.reference = reference
         assert layer(X)[0].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_weighted_slot_sum_by_hand_and_against_autograd(with_init: bool) -> None:
+    """init + sum_k w_kt h_kt and its hand-written backward: by hand on one token, then the value and the
+    gradients of h, w and init against autograd of the obvious formula, in float64."""
+    h = torch.tensor([[[1.0, 2.0]], [[10.0, 20.0]]], dtype=torch.float64)  # K=2, T=1, F=2
+    w = torch.tensor([[0.25], [0.75]], dtype=torch.float64)
+    init = torch.tensor([[100.0, 200.0]], dtype=torch.float64) if with_init else None
+    expected = [0.25 * 1 + 0.75 * 10, 0.25 * 2 + 0.75 * 20]
+    if with_init:
+        expected = [100 + expected[0], 200 + expected[1]]
+    assert WeightedSlotSum.apply(h, w, init).tolist() == [expected]
+
+    gen = torch.Generator().manual_seed(0)
+    K, T, F = 3, 7, 5
+    h_KTF = torch.randn(K, T, F, dtype=torch.float64, generator=gen)
+    w_KT = torch.rand(K, T, dtype=torch.float64, generator=gen)
+    init_TF = torch.randn(T, F, dtype=torch.float64, generator=gen) if with_init else None
+    grad_TF = torch.randn(T, F, dtype=torch.float64, generator=gen)
+
+    def run(fast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = [t.clone().requires_grad_() for t in (h_KTF, w_KT) + ((init_TF,) if with_init else ())]
+        hh, ww = leaves[:2]
+        ii = leaves[2] * 1 if with_init else None  # non-leaf: the fast path updates it in place
+        if fast:
+            out = WeightedSlotSum.apply(hh, ww, ii)
+        else:
+            out = (hh * ww[..., None]).sum(0) + (ii if with_init else 0)
+        out.backward(grad_TF)
+        return out.detach(), [t.grad for t in leaves]
+
+    (fast, fast_grads), (ref, ref_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, ref, rtol=1e-14, atol=1e-14)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    # finite differences on h and w
+    assert torch.autograd.gradcheck(
+        lambda a, b: WeightedSlotSum.apply(a, b, None),
+        (h_KTF.clone().requires_grad_(), w_KT.clone().requires_grad_()),
+    )
 
 
 def test_ffn_decomposition_matches_each_family_forward() -> None:
