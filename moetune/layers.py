@@ -411,8 +411,11 @@ class MoEFFN(RoutedLayer):
 
     def uses_grouped(self, banks: dict[str, ExpertMath] | None = None) -> bool:
         """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
-        projection (PERF-NOTES), passes one half; dense below (static shapes, fewer kernels). N counts
-        the experts the tokens may use (`banks`, default all). On CUDA, float32 adapters stay dense:
+        projection (PERF-NOTES), passes one quarter; dense below (static shapes, fewer kernels). N
+        counts the experts the tokens may use (`banks`, default all). Measured on 2 CPU cores, training
+        step against peft LoRA r=16 (benchmarks/README.md): ffn-heavy E=64 (0.34) grouped 1.20x, dense
+        1.45x; its MLP block at E=32 (0.17) grouped 1.33x, dense 1.41x; at E=8 (0.04) grouped 1.37x,
+        dense 1.22x; small E=8 (0.17) within 1% either way. On CUDA, float32 adapters stay dense:
         torch's float32 grouped GEMM is a loop of GEMMs (H100, benchmarks/results/gpu-speed-h100.md:
         E=64 training step 2.1-2.6x the dense path's)."""
         banks = dict(self.experts) if banks is None else banks
@@ -425,7 +428,7 @@ class MoEFFN(RoutedLayer):
             return False
         if bank.dtype != torch.bfloat16 and torch.compiler.is_compiling():
             return False  # torch.compile traces torch._grouped_mm for bf16 alone (torch 2.13)
-        return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.5
+        return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.25
 
     def _dropout_slots(self, h_SF: Tensor, slots: SlotsKT | SortedSlots, T: int) -> Tensor:
         """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
