@@ -195,6 +195,7 @@ class SlotGroups:
 
     order: Tensor  # (S,) slot ids in expert order
     token: Tensor  # (S,) token of each sorted slot
+    inverse: Tensor  # (S,) position of each slot id in `order`
     offsets: Tensor  # (N,) int32, end row of each expert's group
 
     @classmethod
@@ -202,8 +203,10 @@ class SlotGroups:
         T = idx_TK.shape[0]
         expert_S = idx_TK.T.reshape(-1)
         order = torch.argsort(expert_S, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         offsets = torch.bincount(expert_S, minlength=num_experts).cumsum(0).to(torch.int32)
-        return cls(order, order % T, offsets)
+        return cls(order, order % T, inverse, offsets)
 
     def sorted(self, t_TK: Tensor) -> Tensor:
         """A per-slot tensor (T, K) in expert order  -> (S,)."""
@@ -313,8 +316,10 @@ class GroupedSlots(SlotsKT):
 
     def add_delta(self, name: str, bank: LoRAExperts, base_TF: Tensor) -> Tensor:
         delta_SF = grouped_mm(self.xA[name], bank.B_T(), self.groups)
-        out_SF = base_TF.repeat(self.K, 1)  # slot id k T + t holds base_t; the deltas added in place
-        return out_SF.index_add_(0, self.groups.order, delta_SF.to(out_SF.dtype)).view(self.K, self.T, -1)
+        delta_KTF = delta_SF.index_select(0, self.groups.inverse).view(self.K, self.T, -1)
+        # in place on the fresh gathered tensor: one (K, T, F) tensor fewer than `base + delta`, and
+        # nothing kept for backward (index_add_ would keep its whole source)
+        return delta_KTF.to(base_TF.dtype).add_(base_TF)
 
     def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
         groups = self.groups
