@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 
@@ -37,24 +38,58 @@ class FFNSpec:
         )
 
 
+def _is_silu(act: Callable[[Tensor], Tensor]) -> bool:
+    return isinstance(act, nn.SiLU | SiLUActivation)
+
+
 def activation_(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """act(x), computed in place where `act` is a known elementwise activation (saves writing a fresh
     tensor of the hidden's size); any other activation runs as it is."""
-    if isinstance(act, nn.SiLU | SiLUActivation):
+    if _is_silu(act):
         return nn.functional.silu(x, inplace=True)
     if isinstance(act, nn.ReLU):
         return x.relu_()
     return act(x)
 
 
+class SiluGLU(torch.autograd.Function):
+    """silu(gate) * up that keeps only gate and up for backward and recomputes silu(gate) there.
+
+    Autograd of the two ops keeps silu(gate) as well and writes it as a separate tensor: for an `ffn`
+    layer's K slots that is one more (K, T, F) tensor written and held until backward per layer. The
+    gradients are the same formulas as autograd's (same bits)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return nn.functional.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+        if ctx.needs_input_grad[1]:
+            grad_up = nn.functional.silu(gate).mul_(grad_h)
+        return grad_gate, grad_up
+
+
+def _glu(act: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor, in_place: bool) -> Tensor:
+    """act(gate) * up; `in_place`: gate is fresh and may be overwritten."""
+    if in_place:
+        return activation_(act, gate).mul_(up)
+    if _is_silu(act) and torch.is_grad_enabled():
+        return SiluGLU.apply(gate, up)
+    return act(gate) * up
+
+
 def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    gate, up = outs
-    return activation_(act, gate).mul_(up) if in_place else act(gate) * up
+    return _glu(act, *outs, in_place)
 
 
 def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    gate, up = outs[0].chunk(2, dim=-1)
-    return activation_(act, gate).mul_(up) if in_place else up * act(gate)
+    return _glu(act, *outs[0].chunk(2, dim=-1), in_place)
 
 
 def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:

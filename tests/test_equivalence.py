@@ -400,6 +400,34 @@ def test_weighted_slot_sum_by_hand_and_against_autograd(with_init: bool) -> None
     )
 
 
+def test_silu_glu_equals_autograd_of_the_two_ops() -> None:
+    """SiluGLU keeps only gate and up and recomputes silu in backward: value and gradients equal to
+    autograd of silu(gate) * up (same formulas, float64), also with `up` broadcast from (T, F)."""
+    from moetune.architectures import SiluGLU
+
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
+    up_TF = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    grad = torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
+    for up in (torch.randn(2, 5, 3, dtype=torch.float64, generator=gen), up_TF):
+        results = []
+        for fused in (True, False):
+            g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+            u_in = u.expand(2, 5, 3)  # a broadcast slot tensor, as `SlotsKT.broadcast` gives
+            h = SiluGLU.apply(g, u_in) if fused else torch.nn.functional.silu(g) * u_in
+            h.backward(grad)
+            results.append((h.detach(), g.grad, u.grad))
+        for fused, plain in zip(*results, strict=True):
+            torch.testing.assert_close(fused, plain, rtol=0, atol=1e-15)
+    sig = torch.sigmoid(gate[0, 0, 0])  # by hand: d silu(x)/dx = sig(x) (1 + x (1 - sig(x)))
+    g = gate.clone().requires_grad_()
+    SiluGLU.apply(g, torch.ones_like(gate)).sum().backward()
+    assert g.grad[0, 0, 0].item() == pytest.approx((sig * (1 + gate[0, 0, 0] * (1 - sig))).item(), rel=1e-12)
+    assert torch.autograd.gradcheck(
+        SiluGLU.apply, (gate.clone().requires_grad_(), up_TF.expand(2, 5, 3).clone().requires_grad_())
+    )
+
+
 def test_ffn_decomposition_matches_each_family_forward() -> None:
     """FFNSpec's post(out(hidden(in(x)))) is each family's own MLP forward."""
     from moetune.architectures import find_ffn_spec
