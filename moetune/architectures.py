@@ -69,7 +69,8 @@ class SiluGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
         if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+            grad_silu = grad_h * up  # the silu gradient is written over it: no second fresh tensor
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_silu)
         if ctx.needs_input_grad[1]:
             grad_up = nn.functional.silu(gate).mul_(grad_h)
         return grad_gate, grad_up

@@ -434,7 +434,10 @@ class MoEFFN(RoutedLayer):
         """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return h_SF
-        return h_SF * slots.broadcast(self.lora_dropout(h_SF.new_ones(T, h_SF.shape[-1])))
+        keep = 1.0 - self.lora_dropout.p
+        # the mask nn.Dropout would multiply by, drawn directly: one (T, F) tensor instead of three
+        mask_TF = h_SF.new_empty(T, h_SF.shape[-1]).bernoulli_(keep).div_(keep)
+        return h_SF * slots.broadcast(mask_TF)
 
     def _expert_ffn(
         self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None

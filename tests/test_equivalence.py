@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import moetune
-from moetune.experts import LoRAExperts, WeightedSlotSum
+from moetune.experts import LoRAExperts, SlotsKT, WeightedSlotSum
 from moetune.layers import MoEFFN, MoELinear, RoutingContext
 
 try:
@@ -538,6 +538,29 @@ def test_sorted_path_with_lora_dropout_equals_dense() -> None:
     torch.manual_seed(1)
     other, _ = run(model, batch, reference=False)
     assert not torch.allclose(other, results["dense"]["logits"])  # the masks do change the output
+
+
+def test_hidden_dropout_is_one_mask_per_token_shared_by_its_slots() -> None:
+    """Training-mode LoRA dropout on the hidden of each slot: every value is 0 or h / (1 - p), the K
+    slots of a token share one mask, about p of the values drop, and eval mode leaves h alone."""
+    model = float64_model("llama", "ffn", "topk", lora_dropout=0.3)
+    layer = next(m for m in model.modules() if isinstance(m, MoEFFN))
+    layer.train()
+    K, T, F = 2, 64, 50
+    slots = SlotsKT()
+    slots.w_TK = torch.zeros(T, K)
+    h_KTF = torch.rand(K, T, F, dtype=torch.float64) + 0.5
+    torch.manual_seed(0)
+    mask_KTF = layer._dropout_slots(h_KTF, slots, T) / h_KTF
+    kept = mask_KTF != 0
+    assert torch.allclose(mask_KTF[kept], torch.full_like(mask_KTF[kept], 1 / 0.7))
+    assert torch.equal(kept[0], kept[1])
+    assert abs((~kept[0]).double().mean().item() - 0.3) < 0.05  # 3200 draws: 6 standard deviations
+    # on CPU the draws are the ones nn.Dropout makes (same RNG use): seeded runs keep their masks
+    torch.manual_seed(0)
+    assert torch.allclose(mask_KTF[0], nn.Dropout(0.3)(torch.ones(T, F, dtype=torch.float64)))
+    layer.eval()
+    assert layer._dropout_slots(h_KTF, slots, T) is h_KTF
 
 
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
