@@ -348,6 +348,7 @@ class SortedSlots:
         ends = groups.offsets.tolist()  # host sync
         starts = [0, *ends[:-1]]
         self.spans = [(j, a, b) for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
+        self.xA: dict[str, Tensor] = {}
         if not in_banks:
             return
         # x A of every slot's expert on every input projection: (S, r) per projection
@@ -359,10 +360,28 @@ class SortedSlots:
             self.xA = dict(zip(in_banks, xA_TPNr[self.token, :, expert_S].unbind(1), strict=True))
         else:  # one small GEMM per expert over its rows
             x_SD = xd_TD.to(dtype).index_select(0, self.token)
-            self.xA = {}
             for name, bank in in_banks.items():
                 weights = bank.all_expert_weights()
                 self.xA[name] = torch.cat([x_SD[a:b] @ weights[j][0].T for j, a, b in self.spans])
+
+    def pieces(self, max_rows: int) -> list[SortedSlots]:
+        """The slots in pieces of whole experts, each of at most `max_rows` rows unless one expert has
+        more (it is a piece of its own): each expert's GEMMs still run once, on all of its rows."""
+        groups: list[list[tuple[int, int, int]]] = [[]]
+        for span in self.spans:
+            if groups[-1] and span[2] - groups[-1][0][1] > max_rows:
+                groups.append([])
+            groups[-1].append(span)
+        return [self] if len(groups) == 1 else [self._rows(spans) for spans in groups]
+
+    def _rows(self, spans: list[tuple[int, int, int]]) -> SortedSlots:
+        """The slots of `spans` (consecutive rows) as slots of their own."""
+        a0, b0 = spans[0][1], spans[-1][2]
+        piece = object.__new__(SortedSlots)
+        piece.T, piece.token, piece.w_S1 = self.T, self.token[a0:b0], self.w_S1[a0:b0]
+        piece.spans = [(j, a - a0, b - a0) for j, a, b in spans]
+        piece.xA = {name: xA_Sr[a0:b0] for name, xA_Sr in self.xA.items()}
+        return piece
 
     def broadcast(self, t_TF: Tensor) -> Tensor:
         """A per-token tensor in slot order  -> (S, F)."""

@@ -51,7 +51,8 @@ class RoutingContext:
     adapter_enabled: bool = True
     reference: bool = False  # use the slow per-expert loop (tests)
     dispatch: str = "auto"  # `ffn` fast path: "dense", "grouped", "sorted" or "auto" (MoEFFN.slot_path)
-    # `ffn` inference on CPU runs in blocks of this many tokens (0: one block; see MoEFFN._fast_blocks)
+    # `ffn` inference on CPU runs in pieces of about this many tokens' slots (0: one piece; see
+    # MoEFFN._slot_pieces and MoEFFN._fast_blocks)
     cpu_inference_block: int = 512
     want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
     contrastive_sample: int = 256
@@ -334,7 +335,8 @@ class MoEFFN(RoutedLayer):
     def _fast_blocks(
         self, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, banks: dict[str, ExpertMath]
     ) -> Tensor:
-        """`_fast`, in blocks of `cpu_inference_block` tokens when it runs on CPU without autograd.
+        """`_fast`, on the dense and grouped paths in blocks of `cpu_inference_block` tokens when it runs
+        on CPU without autograd (the sorted path splits its slots by expert instead: `_slot_pieces`).
 
         The K per-slot hidden tensors (K, T, F) are K times the frozen FFN's largest activation. In
         blocks they stay small, so the allocator hands the same memory back every block instead of
@@ -345,7 +347,8 @@ class MoEFFN(RoutedLayer):
         experts and weights as in one block.
         """
         T, block = x_TD.shape[0], self.ctx.cpu_inference_block
-        if torch.is_grad_enabled() or x_TD.device.type != "cpu" or block <= 0 or block >= T:
+        path = self.slot_path(banks, x_TD.device)
+        if torch.is_grad_enabled() or x_TD.device.type != "cpu" or not 0 < block < T or path == "sorted":
             return self._fast(x_TD, idx_TK, w_TK, banks)
         spans = [slice(s, s + block) for s in range(0, T, block)]
         return torch.cat([self._fast(x_TD[s], idx_TK[s], w_TK[s], banks) for s in spans])
@@ -357,6 +360,8 @@ class MoEFFN(RoutedLayer):
         banks = dict(self.experts) if banks is None else banks
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         in_banks = {p: banks[p] for p in self.spec.in_projs if p in banks}
+        out_bank = banks.get(self.spec.out_proj)
+        mask_TF = self._hidden_dropout_mask(x_TD) if out_bank is not None else None
         num_experts = next(iter(banks.values())).num_experts
         path = self.slot_path(banks, x_TD.device)
         if path == "sorted":
@@ -365,27 +370,51 @@ class MoEFFN(RoutedLayer):
             slots = GroupedSlots(in_banks, xd_TD, idx_TK, w_TK, num_experts)
         else:
             slots = DenseSlots(in_banks, xd_TD, idx_TK, w_TK)
-        base_outs, slot_outs = [], []
-        for p in self.spec.in_projs:
-            base_TF = self._proj(p)(x_TD)
-            base_outs.append(base_TF)
-            bank = in_banks.get(p)
-            slot_outs.append(slots.add_delta(p, bank, base_TF) if bank else slots.broadcast(base_TF))
-        act = self._act()
-        # without autograd (inference) fresh slot tensors are used once: combine them in place
-        fresh = path == "sorted" or len(in_banks) == len(self.spec.in_projs)
-        # the slot tensors: (K, T, F) on the dense and grouped paths, (S, F) in expert order on "sorted"
-        h_SF = self.spec.hidden(act, slot_outs, in_place=fresh and not torch.is_grad_enabled())
-        delta = None
-        if self.spec.out_proj in banks:  # before `mix`, which may scale h in place
-            delta = slots.out_delta(banks[self.spec.out_proj], self._dropout_slots(h_SF, slots, len(x_TD)))
+        base_outs = [self._proj(p)(x_TD) for p in self.spec.in_projs]
         # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k; the h0 term is skipped where
         # the weights sum to 1 for every token (it would be rounding error times h0)
-        init_TF = None
+        mixed_TF = None
         if not (self.router.weights_sum_to_one and not self.num_shared):
-            init_TF = self.spec.hidden(act, base_outs) * (1 - w_TK.sum(1, keepdim=True).to(h_SF.dtype))
-        y_TD = self._proj(self.spec.out_proj)(slots.mix(h_SF, init_TF))
-        return y_TD if delta is None else slots.add_out(y_TD, delta)
+            h0_TF = self.spec.hidden(self._act(), base_outs)
+            mixed_TF = h0_TF * (1 - w_TK.sum(1, keepdim=True).to(h0_TF.dtype))
+        out_deltas = []
+        for piece in self._slot_pieces(slots, idx_TK.shape[1]):
+            h_SF = self._slot_hidden(piece, base_outs, in_banks)
+            if out_bank is not None:  # before `mix`, which may scale h in place
+                h_dropped = h_SF if mask_TF is None else h_SF * piece.broadcast(mask_TF)
+                out_deltas.append((piece, piece.out_delta(out_bank, h_dropped)))
+            mixed_TF = piece.mix(h_SF, mixed_TF)
+        y_TD = self._proj(self.spec.out_proj)(mixed_TF)
+        for piece, delta in out_deltas:
+            y_TD = piece.add_out(y_TD, delta)
+        return y_TD
+
+    def _slot_pieces(self, slots: SlotsKT | SortedSlots, K: int) -> list[SlotsKT | SortedSlots]:
+        """The slots in one piece, or, on the sorted path without autograd, in pieces of whole experts
+        of about `cpu_inference_block` tokens' slots each.
+
+        Pieces keep the (S, F) slot tensors small, as token blocks do (`_fast_blocks`), while every
+        expert's GEMMs still run once per layer instead of once per block: on the small benchmark
+        model (E=8, 512-token pieces) about 4x fewer small ops; measured in separate processes, small
+        E=8 inference 1.06x peft LoRA against 1.11x for the token-blocked dense path in the same run.
+        """
+        block = self.ctx.cpu_inference_block
+        if isinstance(slots, SortedSlots) and block > 0 and not torch.is_grad_enabled():
+            return slots.pieces(block * K)
+        return [slots]
+
+    def _slot_hidden(
+        self, slots: SlotsKT | SortedSlots, base_outs: list[Tensor], in_banks: dict[str, ExpertMath]
+    ) -> Tensor:
+        """act of every slot's input projections, the experts' deltas added: (K, T, F) on the dense and
+        grouped paths, (S, F) in expert order on the sorted path."""
+        slot_outs = [
+            slots.add_delta(p, in_banks[p], base_TF) if p in in_banks else slots.broadcast(base_TF)
+            for p, base_TF in zip(self.spec.in_projs, base_outs, strict=True)
+        ]
+        # without autograd (inference) fresh slot tensors are used once: combine them in place
+        fresh = isinstance(slots, SortedSlots) or len(in_banks) == len(self.spec.in_projs)
+        return self.spec.hidden(self._act(), slot_outs, in_place=fresh and not torch.is_grad_enabled())
 
     def slot_path(
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None
@@ -430,14 +459,14 @@ class MoEFFN(RoutedLayer):
             return False  # torch.compile traces torch._grouped_mm for bf16 alone (torch 2.13)
         return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.25
 
-    def _dropout_slots(self, h_SF: Tensor, slots: SlotsKT | SortedSlots, T: int) -> Tensor:
-        """LoRA dropout on the hidden of each slot, one mask per token shared by its K slots."""
+    def _hidden_dropout_mask(self, x_TD: Tensor) -> Tensor | None:
+        """LoRA dropout's mask for the hidden (T, F) in training, one row per token shared by its K
+        slots: the mask nn.Dropout would multiply by, drawn directly (one (T, F) tensor, not three)."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
-            return h_SF
+            return None
         keep = 1.0 - self.lora_dropout.p
-        # the mask nn.Dropout would multiply by, drawn directly: one (T, F) tensor instead of three
-        mask_TF = h_SF.new_empty(T, h_SF.shape[-1]).bernoulli_(keep).div_(keep)
-        return h_SF * slots.broadcast(mask_TF)
+        F = linear_dims(self._proj(self.spec.out_proj))[0]
+        return x_TD.new_empty(x_TD.shape[0], F).bernoulli_(keep).div_(keep)
 
     def _expert_ffn(
         self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import moetune
-from moetune.experts import LoRAExperts, SlotsKT, WeightedSlotSum
+from moetune.experts import LoRAExperts, SortedSlots, WeightedSlotSum
 from moetune.layers import MoEFFN, MoELinear, RoutingContext
 
 try:
@@ -485,6 +485,67 @@ def test_cpu_inference_in_token_blocks_equals_one_block(family: str, dispatch: s
     assert calls == [27]
 
 
+def test_sorted_slots_in_pieces_of_whole_experts() -> None:
+    """`SortedSlots.pieces`: consecutive rows, whole experts, at most `max_rows` rows unless one expert
+    has more (then alone), tokens / weights / x A the whole's rows; one piece is the slots themselves."""
+    gen = torch.Generator().manual_seed(0)
+    T, K, N, r, D = 40, 2, 6, 3, 5
+    idx_TK = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(T)])
+    idx_TK[:30, 0] = 2  # expert 2 gets 30 slots: more than max_rows
+    w_TK = torch.rand(T, K, generator=gen)
+    bank = LoRAExperts(N, D, 7, r, 1.0)
+    slots = SortedSlots({"up": bank}, torch.randn(T, D, generator=gen), idx_TK, w_TK, N)
+    pieces = slots.pieces(max_rows=20)
+    assert len(pieces) > 2
+    rows = 0
+    for piece in pieces:
+        n = piece.token.shape[0]
+        assert n <= 20 or len(piece.spans) == 1
+        assert piece.spans[0][1] == 0 and piece.spans[-1][2] == n
+        assert torch.equal(piece.token, slots.token[rows : rows + n])
+        assert torch.equal(piece.w_S1, slots.w_S1[rows : rows + n])
+        assert torch.equal(piece.xA["up"], slots.xA["up"][rows : rows + n])
+        rows += n
+    assert rows == T * K
+    assert [j for piece in pieces for j, _, _ in piece.spans] == [j for j, _, _ in slots.spans]
+    assert max(piece.token.shape[0] for piece in pieces) >= 30  # expert 2's piece
+    assert slots.pieces(max_rows=T * K) == [slots]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sorted_inference_in_pieces_equals_one_piece(family: str) -> None:
+    """Without autograd on CPU the sorted path runs its slots in pieces of whole experts (blocks of 3
+    tokens here: many pieces); padding, two task blocks and a shared expert included, the result is
+    the one-piece forward's and the reference path's."""
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=1)
+    model = moetune.get_moe_model(tiny_model(family), cfg)
+    model.add_experts(2, task="B", freeze_existing=False)
+    randomize_(model)
+    model.eval()
+    model._ctx.dispatch = "sorted"
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
+    layer = next(layer for _, layer in model.moe_layers())
+    pieces = []
+
+    def count_pieces(*args, **kwargs):
+        pieces.append(len(type(layer)._slot_pieces(layer, *args, **kwargs)))
+        return type(layer)._slot_pieces(layer, *args, **kwargs)
+
+    layer._slot_pieces = count_pieces  # the test observes the pieces; the library never patches them
+    for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
+        results = {}
+        for block in (0, 3):
+            model._ctx.cpu_inference_block = block
+            pieces.clear()
+            with torch.no_grad():
+                results[block] = model(**batch | extra).logits
+            assert max(pieces) == 1 if block == 0 else min(pieces) > 1
+        with torch.no_grad(), model.reference_path():
+            reference = model(**batch | extra).logits
+        assert _max_rel_error({"y": results[3]}, {"y": results[0]}) < 1e-6
+        assert _max_rel_error({"y": results[3]}, {"y": reference}) < 1e-5
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_sorted_path_equals_reference(family: str, router: str) -> None:
@@ -540,27 +601,24 @@ def test_sorted_path_with_lora_dropout_equals_dense() -> None:
     assert not torch.allclose(other, results["dense"]["logits"])  # the masks do change the output
 
 
-def test_hidden_dropout_is_one_mask_per_token_shared_by_its_slots() -> None:
-    """Training-mode LoRA dropout on the hidden of each slot: every value is 0 or h / (1 - p), the K
-    slots of a token share one mask, about p of the values drop, and eval mode leaves h alone."""
+def test_hidden_dropout_mask() -> None:
+    """Training-mode LoRA dropout's mask for the hidden (T, F): every value 0 or 1 / (1 - p), about p
+    of them 0, drawn as nn.Dropout draws on CPU (seeded runs keep their masks); none in eval mode.
+    (The K slots of a token share its row: `test_sorted_path_with_lora_dropout_equals_dense`.)"""
     model = float64_model("llama", "ffn", "topk", lora_dropout=0.3)
     layer = next(m for m in model.modules() if isinstance(m, MoEFFN))
     layer.train()
-    K, T, F = 2, 64, 50
-    slots = SlotsKT()
-    slots.w_TK = torch.zeros(T, K)
-    h_KTF = torch.rand(K, T, F, dtype=torch.float64) + 0.5
+    x_TD = torch.randn(64, layer.base_layer.up_proj.in_features, dtype=torch.float64)
     torch.manual_seed(0)
-    mask_KTF = layer._dropout_slots(h_KTF, slots, T) / h_KTF
-    kept = mask_KTF != 0
-    assert torch.allclose(mask_KTF[kept], torch.full_like(mask_KTF[kept], 1 / 0.7))
-    assert torch.equal(kept[0], kept[1])
-    assert abs((~kept[0]).double().mean().item() - 0.3) < 0.05  # 3200 draws: 6 standard deviations
-    # on CPU the draws are the ones nn.Dropout makes (same RNG use): seeded runs keep their masks
+    mask_TF = layer._hidden_dropout_mask(x_TD)
+    assert mask_TF.shape == (64, layer.base_layer.down_proj.in_features) and mask_TF.dtype == torch.float64
+    kept = mask_TF != 0
+    assert torch.allclose(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.7))
+    assert abs((~kept).double().mean().item() - 0.3) < 6 * (0.3 * 0.7 / mask_TF.numel()) ** 0.5  # 6 sd
     torch.manual_seed(0)
-    assert torch.allclose(mask_KTF[0], nn.Dropout(0.3)(torch.ones(T, F, dtype=torch.float64)))
+    assert torch.equal(mask_TF, nn.Dropout(0.3)(torch.ones_like(mask_TF)))
     layer.eval()
-    assert layer._dropout_slots(h_KTF, slots, T) is h_KTF
+    assert layer._hidden_dropout_mask(x_TD) is None
 
 
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
