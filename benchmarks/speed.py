@@ -8,7 +8,8 @@ Timed per configuration:
   mlp    one MLP block (layer 0) forward + backward on a (batch, seq, hidden) input that requires grad
 Memory: before each command a worker collects garbage and calls malloc_trim, resets VmHWM (peak RSS,
 /proc/self/clear_refs) and reads it after; the table shows the largest peak seen during a training step
-and its rise above the RSS just before the step.
+and its rise above the RSS just before the step. With --keep-freed-memory the workers keep what they free
+(no malloc_trim, glibc told never to mmap or trim): no page faults after warm-up, compute alone.
 Other processes on the machine: the parent measures their CPU share during every command (/proc/stat
 minus the worker's own jiffies) and can wait for them (--wait-idle) and retime (--retry-busy); the tables
 give ratios of medians, of minima and of CPU seconds (robust when the machine was shared).
@@ -69,7 +70,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "moetune-dense-e64": ("moetune", dict(expert_type="ffn", num_experts=64, dispatch="dense")),
     "moetune-grouped-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="grouped")),
     # CPU inference: the dense rank-space path of training instead of slots sorted by expert
-    # (MoEFFN.slot_path), or in one block of all tokens instead of 512-token blocks (MoEFFN._fast_blocks)
+    # (MoEFFN.slot_path), or all slots at once instead of pieces of whole experts of about 512 tokens'
+    # slots (MoEFFN._slot_pieces)
     "moetune-dense-e8": ("moetune", dict(expert_type="ffn", num_experts=8, dispatch="dense")),
     "moetune-oneblock-e8": ("moetune", dict(expert_type="ffn", num_experts=8, cpu_inference_block=0)),
     "moetune-ref-e8": ("moetune", dict(expert_type="ffn", num_experts=8, reference=True)),
@@ -305,8 +307,10 @@ def worker_main(spec: dict[str, Any]) -> None:
     except Exception as err:  # reported to the parent, which skips this configuration
         send({"error": f"{type(err).__name__}: {err}"})
         return
+    keep = spec.get("keep_freed_memory", False)
     gc.collect()
-    _malloc_trim()
+    if not keep:
+        _malloc_trim()
     send(
         {
             "ready": True,
@@ -324,7 +328,8 @@ def worker_main(spec: dict[str, Any]) -> None:
             send({"ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
             return
         gc.collect()
-        _malloc_trim()
+        if not keep:
+            _malloc_trim()
         hwm_ok = _reset_hwm() and hwm_ok
         rss0 = _proc_status("VmRSS")
         try:
@@ -355,6 +360,9 @@ class Worker:
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
         if spec.get("omp_wait_policy"):
             env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
+        if spec.get("keep_freed_memory"):
+            # glibc: every allocation from the heap (none mmap'd), and the heap never trimmed
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**62))
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE,
@@ -486,6 +494,7 @@ def run_model(
         dropout=args.lora_dropout,
         threads=args.threads,
         omp_wait_policy=args.omp_wait_policy,
+        keep_freed_memory=args.keep_freed_memory,
     )
     workers = [Worker(dict(base_spec, config=c), logdir) for c in configs]
     for w in workers:  # they build concurrently; wait for all
@@ -662,7 +671,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"batch {meta['batch']}×{meta['seq']} tokens, {meta['threads']} threads, fp32, lora_dropout "
         f"{meta['lora_dropout']}, {meta['repeats']} repeats after {meta['warmup']} warm-up, interleaved"
-        f"{', OMP_WAIT_POLICY=' + meta['omp_wait_policy'] if meta.get('omp_wait_policy') else ''}. "
+        f"{', OMP_WAIT_POLICY=' + meta['omp_wait_policy'] if meta.get('omp_wait_policy') else ''}"
+        f"{', freed memory kept (no page faults after warm-up)' if meta.get('keep_freed_memory') else ''}. "
         "Times in ms: median [IQR], then the minimum; × = ratio of medians to peft LoRA r=16, min× of "
         "minima, cpu× of the workers' median CPU seconds, usr× of their median user CPU seconds (CPU time "
         "less kernel time, mostly page faults); mem = peak RSS during a training step, MB (rise above the "
@@ -788,6 +798,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY for the workers (default: inherit). PASSIVE keeps timings sane when other "
         "processes share the cores (measured: 1.4x slower instead of 30x) but is not the default setup",
     )
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="workers keep the memory they free (glibc MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ at its "
+        "maximum, no malloc_trim): after warm-up a command touches no fresh pages, so the times measure "
+        "compute without page faults; peak memory is then the heap's high-water mark",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 2×64, 1 warm-up, 3 repeats")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--markdown", default=None, help="also write the Markdown table here")
@@ -859,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_dropout=args.lora_dropout,
         phases=list(args.phases),
         omp_wait_policy=args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
+        keep_freed_memory=args.keep_freed_memory,
         versions=versions,
         cpu=platform.processor() or platform.machine(),
         nproc=os.cpu_count(),
