@@ -17,13 +17,15 @@ Its waste grows with E: every token multiplies by all N r columns. `GroupedSlots
 by expert once (`SlotGroups`) and runs one grouped GEMM per projection instead (work independent of E).
 `SortedSlots` also sorts them, but keeps the slots in expert order through the whole FFN and runs one
 plain GEMM per expert over its contiguous rows: no wasted work and no grouped kernel, for a host sync
-(the group sizes) and a Python loop over the experts; it is the CPU inference path.
+(the group sizes) and a Python loop over the experts; it is the CPU inference path, run in pieces of
+whole experts (`SortedSlots.pieces`) so that its slot tensors stay small.
 `DenseSlots` / `GroupedSlots` / `SortedSlots` are the ways an `ffn` layer gets its per-slot tensors.
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -377,8 +379,8 @@ class SortedSlots:
     def _rows(self, spans: list[tuple[int, int, int]]) -> SortedSlots:
         """The slots of `spans` (consecutive rows) as slots of their own."""
         a0, b0 = spans[0][1], spans[-1][2]
-        piece = object.__new__(SortedSlots)
-        piece.T, piece.token, piece.w_S1 = self.T, self.token[a0:b0], self.w_S1[a0:b0]
+        piece = copy.copy(self)
+        piece.token, piece.w_S1 = self.token[a0:b0], self.w_S1[a0:b0]
         piece.spans = [(j, a - a0, b - a0) for j, a, b in spans]
         piece.xA = {name: xA_Sr[a0:b0] for name, xA_Sr in self.xA.items()}
         return piece
