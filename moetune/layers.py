@@ -583,6 +583,11 @@ class LoRALinear(nn.Module):
         if not self.ctx.now().adapter_enabled:
             return y
         x_TD = self.lora_dropout(x.reshape(-1, x.shape[-1]))
+        if not torch.is_grad_enabled() and y.dtype == self.lora.dtype and y.is_contiguous():
+            # inference: B's GEMM adds into the frozen output (no delta tensor, no separate add)
+            A, B = self.lora.expert_weights(0)
+            y.view(-1, y.shape[-1]).addmm_((x_TD.to(A.dtype) @ A.T) * self.lora.scaling, B.T)
+            return y
         delta = self.lora.expert(0, x_TD)
         return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import moetune
 from moetune.experts import LoRAExperts, SortedSlots, WeightedSlotSum
-from moetune.layers import MoEFFN, MoELinear, RoutingContext
+from moetune.layers import LoRALinear, MoEFFN, MoELinear, RoutingContext
 
 try:
     from tests.tiny_models import tiny_batch, tiny_model
@@ -426,6 +426,29 @@ def test_silu_glu_equals_autograd_of_the_two_ops() -> None:
     assert torch.autograd.gradcheck(
         SiluGLU.apply, (gate.clone().requires_grad_(), up_TF.expand(2, 5, 3).clone().requires_grad_())
     )
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float64, torch.bfloat16])
+def test_attention_lora_by_hand_with_and_without_autograd(base_dtype: torch.dtype) -> None:
+    """LoRALinear = W x + b + s B A x. Without autograd B's GEMM adds into the frozen output in place
+    (adapter and base dtypes equal); otherwise, and with autograd, a delta tensor is added."""
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(6, 5).to(base_dtype)
+    layer = LoRALinear(base, r=3, scaling=0.5, dropout=0.0, ctx=RoutingContext(), adapter_dtype="float64")
+    A, B = layer.lora.expert_weights(0)  # views: (3, 6), (5, 3)
+    with torch.no_grad():
+        A.copy_(torch.randn(3, 6, generator=gen, dtype=torch.float64))
+        B.copy_(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64).to(base_dtype)
+    with torch.no_grad():
+        by_hand = base(x).double() + 0.5 * (x.double() @ A.T @ B.T)
+    with torch.no_grad():
+        y_inference = layer(x)
+    y_autograd = layer(x)
+    tol = 1e-12 if base_dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(y_inference.double(), by_hand, rtol=tol, atol=tol)
+    torch.testing.assert_close(y_autograd.detach(), y_inference, rtol=1e-12, atol=1e-12)
+    assert y_autograd.requires_grad and y_inference.dtype == base_dtype
 
 
 def test_ffn_decomposition_matches_each_family_forward() -> None:
