@@ -535,12 +535,14 @@ def test_sorted_slots_in_pieces_of_whole_experts() -> None:
     assert slots.pieces(max_rows=T * K) == [slots]
 
 
+@pytest.mark.parametrize("num_shared", [0, 1])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_sorted_inference_in_pieces_equals_one_piece(family: str) -> None:
+def test_sorted_inference_in_pieces_equals_one_piece(family: str, num_shared: int) -> None:
     """Without autograd on CPU the sorted path runs its slots in pieces of whole experts (blocks of 3
-    tokens here: many pieces); padding, two task blocks and a shared expert included, the result is
-    the one-piece forward's and the reference path's."""
-    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=1)
+    tokens here: many pieces); padding and two task blocks included, with a shared expert (the mix
+    starts from the h0 term) and without (it starts from zeros), the result is the one-piece forward's
+    and the reference path's."""
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=num_shared)
     model = moetune.get_moe_model(tiny_model(family), cfg)
     model.add_experts(2, task="B", freeze_existing=False)
     randomize_(model)
