@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import moetune
+from moetune.architectures import linear_dims
 from moetune.experts import LoRAExperts, SortedSlots, WeightedSlotSum
 from moetune.layers import LoRALinear, MoEFFN, MoELinear, RoutingContext
 
@@ -626,17 +627,19 @@ def test_sorted_path_with_lora_dropout_equals_dense() -> None:
     assert not torch.allclose(other, results["dense"]["logits"])  # the masks do change the output
 
 
-def test_hidden_dropout_mask() -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_hidden_dropout_mask(family: str) -> None:
     """Training-mode LoRA dropout's mask for the hidden (T, F): every value 0 or 1 / (1 - p), about p
     of them 0, drawn as nn.Dropout draws on CPU (seeded runs keep their masks); none in eval mode.
     (The K slots of a token share its row: `test_sorted_path_with_lora_dropout_equals_dense`.)"""
-    model = float64_model("llama", "ffn", "topk", lora_dropout=0.3)
+    model = float64_model(family, "ffn", "topk", lora_dropout=0.3)
     layer = next(m for m in model.modules() if isinstance(m, MoEFFN))
     layer.train()
-    x_TD = torch.randn(64, layer.base_layer.up_proj.in_features, dtype=torch.float64)
+    d_model, F = linear_dims(getattr(layer.base_layer, layer.spec.out_proj))[::-1]
+    x_TD = torch.randn(64, d_model, dtype=torch.float64)
     torch.manual_seed(0)
     mask_TF = layer._hidden_dropout_mask(x_TD)
-    assert mask_TF.shape == (64, layer.base_layer.down_proj.in_features) and mask_TF.dtype == torch.float64
+    assert mask_TF.shape == (64, F) and mask_TF.dtype == torch.float64
     kept = mask_TF != 0
     assert torch.allclose(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.7))
     assert abs((~kept).double().mean().item() - 0.3) < 6 * (0.3 * 0.7 / mask_TF.numel()) ** 0.5  # 6 sd
