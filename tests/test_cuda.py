@@ -5,6 +5,8 @@
 - The fast expert paths equal the slow per-expert reference on the GPU, in float32 and bf16, for `ffn`
   experts (dense, and grouped: `torch._grouped_mm` takes its CUTLASS kernel for bf16 on sm90 or newer and
   a loop of GEMMs otherwise) and `linear` experts.
+- Inference without autograd (the attention LoRA's in-place add) equals the forward with autograd on,
+  and the hidden's LoRA dropout mask drawn on the GPU has the right values and rate.
 - A few steps through MoETrainer with `bf16=True` (autocast): finite losses, the adapter moves, the
   routers stay float32.
 - FSDP2 through `accelerate launch` with examples/accelerate/fsdp2.yaml, and DeepSpeed ZeRO-2/3 with
@@ -93,6 +95,38 @@ def test_fast_path_equals_reference_on_cuda(
     tol = 5e-2 if bf16 else 1e-4
     assert _max_rel_error(fast, ref) < tol
     assert _max_rel_error({"logits": base_out}, {"logits": ref["logits"]}) > 10 * tol
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inference_with_and_without_autograd_on_cuda(base_dtype: torch.dtype) -> None:
+    """Without autograd the attention LoRA adds its B GEMM into the frozen output in place (float32
+    adapters over a float32 base) and the `ffn` layers take the same fast path: the logits equal the
+    forward with autograd on, on the GPU."""
+    cfg = moetune.MoEConfig(num_experts=4, r=8, attn_r=4, lora_dropout=0.0)
+    model = moetune.get_moe_model(tiny_model("llama", dtype=base_dtype), cfg)
+    randomize_(model)
+    model.to("cuda").eval()
+    batch = {k: v.cuda() for k, v in tiny_batch("llama", batch=3, seq=9, padded=True).items()}
+    with torch.no_grad():
+        without = model(**batch).logits.float()
+    with_autograd = model(**batch).logits.detach().float()
+    tol = 5e-2 if base_dtype == torch.bfloat16 else 1e-5
+    assert _max_rel_error({"y": without}, {"y": with_autograd}) < tol
+
+
+def test_hidden_dropout_mask_on_cuda() -> None:
+    """The hidden's LoRA dropout mask drawn on the GPU: values 0 or 1 / (1 - p), about p of them 0,
+    a different mask per draw."""
+    cfg = moetune.MoEConfig(num_experts=4, r=8, lora_dropout=0.25)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg).to("cuda").train()
+    layer = next(layer for _, layer in model.moe_layers())
+    x_TD = torch.randn(256, layer.base_layer.up_proj.in_features, device="cuda")
+    mask_TF, other_TF = layer._hidden_dropout_mask(x_TD), layer._hidden_dropout_mask(x_TD)
+    assert mask_TF.device.type == "cuda" and mask_TF.shape == (256, layer.base_layer.down_proj.in_features)
+    kept = mask_TF != 0
+    torch.testing.assert_close(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.75))
+    assert abs((~kept).float().mean().item() - 0.25) < 6 * (0.25 * 0.75 / mask_TF.numel()) ** 0.5
+    assert not torch.equal(mask_TF, other_TF)
 
 
 @pytest.fixture
