@@ -347,8 +347,9 @@ class MoEFFN(RoutedLayer):
         experts and weights as in one block.
         """
         T, block = x_TD.shape[0], self.ctx.cpu_inference_block
-        path = self.slot_path(banks, x_TD.device)
-        if torch.is_grad_enabled() or x_TD.device.type != "cpu" or not 0 < block < T or path == "sorted":
+        split = not torch.is_grad_enabled() and x_TD.device.type == "cpu" and 0 < block < T
+        # the path last: training (autograd on) does not work it out here as well as in `_fast`
+        if not split or self.slot_path(banks, x_TD.device) == "sorted":
             return self._fast(x_TD, idx_TK, w_TK, banks)
         spans = [slice(s, s + block) for s in range(0, T, block)]
         return torch.cat([self._fast(x_TD[s], idx_TK[s], w_TK[s], banks) for s in spans])

@@ -468,20 +468,28 @@ def test_ffn_decomposition_matches_each_family_forward() -> None:
         torch.testing.assert_close(ours, mlp(x), rtol=0, atol=1e-12, msg=family)
 
 
+def _two_task_inference_model(
+    family: str, dispatch: str, num_shared: int = 1
+) -> tuple[moetune.MoEModel, dict, MoEFFN]:
+    """A random model in eval mode with task blocks A (4 experts) and B (2 more), `dispatch` forced,
+    a padded batch of 3 x 9 tokens, and its first `ffn` layer (for the tests of CPU inference)."""
+    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=num_shared)
+    model = moetune.get_moe_model(tiny_model(family), cfg)
+    model.add_experts(2, task="B", freeze_existing=False)
+    randomize_(model)
+    model.eval()
+    model._ctx.dispatch = dispatch
+    layer = next(layer for _, layer in model.moe_layers())
+    return model, tiny_batch(family, batch=3, seq=9, padded=True), layer
+
+
 @pytest.mark.parametrize("dispatch", ["dense", "grouped"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cpu_inference_in_token_blocks_equals_one_block(family: str, dispatch: str) -> None:
     """Without autograd on CPU, `ffn` layers run in blocks of `cpu_inference_block` tokens (T = 27 here,
     blocks of 5: the last one short). Padding, two task blocks and a per-sample task mix included; the
     result is the single-block forward's and the reference path's; with autograd on nothing is split."""
-    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=1)
-    model = moetune.get_moe_model(tiny_model(family), cfg)
-    model.add_experts(2, task="B", freeze_existing=False)
-    randomize_(model)
-    model.eval()
-    model._ctx.dispatch = dispatch
-    batch = tiny_batch(family, batch=3, seq=9, padded=True)
-    layer = next(layer for _, layer in model.moe_layers())
+    model, batch, layer = _two_task_inference_model(family, dispatch)
     calls = []
 
     def count_fast(*args, **kwargs):
@@ -543,19 +551,13 @@ def test_sorted_inference_in_pieces_equals_one_piece(family: str, num_shared: in
     tokens here: many pieces); padding and two task blocks included, with a shared expert (the mix
     starts from the h0 term) and without (it starts from zeros), the result is the one-piece forward's
     and the reference path's."""
-    cfg = moetune.MoEConfig(num_experts=4, r=4, lora_dropout=0.0, num_shared_experts=num_shared)
-    model = moetune.get_moe_model(tiny_model(family), cfg)
-    model.add_experts(2, task="B", freeze_existing=False)
-    randomize_(model)
-    model.eval()
-    model._ctx.dispatch = "sorted"
-    batch = tiny_batch(family, batch=3, seq=9, padded=True)
-    layer = next(layer for _, layer in model.moe_layers())
+    model, batch, layer = _two_task_inference_model(family, "sorted", num_shared)
     pieces = []
 
     def count_pieces(*args, **kwargs):
-        pieces.append(len(type(layer)._slot_pieces(layer, *args, **kwargs)))
-        return type(layer)._slot_pieces(layer, *args, **kwargs)
+        result = type(layer)._slot_pieces(layer, *args, **kwargs)
+        pieces.append(len(result))
+        return result
 
     layer._slot_pieces = count_pieces  # the test observes the pieces; the library never patches them
     for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
