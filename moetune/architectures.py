@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 
 from moetune import sharding
+from moetune.experts import backward_frees_graph
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class FFNSpec:
     in_projs: tuple[str, ...]  # applied to x; their outputs feed `hidden`
     out_proj: str
     act_attr: str
-    # (act, in-proj outputs, in_place) -> h; in_place: the outputs are fresh and may be overwritten
+    # (act, in-proj outputs, in_place) -> h; in_place: the outputs are fresh and read by nothing else,
+    # so they may be overwritten (in the forward without autograd, in SiluGLU's backward with it)
     hidden: Callable[..., Tensor]
     post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
 
@@ -57,31 +59,44 @@ class SiluGLU(torch.autograd.Function):
 
     Autograd of the two ops keeps silu(gate) as well and writes it as a separate tensor: for an `ffn`
     layer's K slots that is one more (K, T, F) tensor written and held until backward per layer. The
-    gradients are the same formulas as autograd's (same bits)."""
+    gradients are the same formulas as autograd's (same bits).
+
+    `owns_inputs`: gate and up are fresh tensors that nothing else reads after this op, so a backward
+    that frees the graph (no retain_graph, the usual training step) writes the two gradients over
+    them, as Liger-Kernel's SwiGLU does: two fresh (K, T, F) tensors fewer per layer, whose pages the
+    CPU would otherwise fault in on every step. Under retain_graph (double backward included) the
+    saved tensors stay intact, and under create_graph the backward is differentiable."""
 
     @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+    def forward(ctx, gate: Tensor, up: Tensor, owns_inputs: bool = False) -> Tensor:
         ctx.save_for_backward(gate, up)
+        ctx.owns_inputs = owns_inputs
         return nn.functional.silu(gate).mul_(up)
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         gate, up = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: formulas autograd can differentiate again
+            sig = torch.sigmoid(gate)
+            return grad_h * up * sig * (1 + gate * (1 - sig)), grad_h * gate * sig, None
+        reuse = ctx.owns_inputs and backward_frees_graph()
         grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_silu = grad_h * up  # the silu gradient is written over it: no second fresh tensor
+        if ctx.needs_input_grad[0]:  # before grad_up: it reads `gate` and `up` unchanged
+            grad_silu = up.mul_(grad_h) if reuse else grad_h * up
+            # the silu gradient is written over grad_silu: no second fresh tensor
             grad_gate = torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_silu)
         if ctx.needs_input_grad[1]:
-            grad_up = nn.functional.silu(gate).mul_(grad_h)
-        return grad_gate, grad_up
+            grad_up = (nn.functional.silu(gate, inplace=reuse)).mul_(grad_h)
+        return grad_gate, grad_up, None
 
 
 def _glu(act: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor, in_place: bool) -> Tensor:
-    """act(gate) * up; `in_place`: gate is fresh and may be overwritten."""
-    if in_place:
+    """act(gate) * up; `in_place`: gate and up are fresh and nothing else reads them, so without
+    autograd gate is overwritten, and with it SiluGLU's backward may write its gradients over both."""
+    if in_place and not torch.is_grad_enabled():
         return activation_(act, gate).mul_(up)
     if _is_silu(act) and torch.is_grad_enabled():
-        return SiluGLU.apply(gate, up)
+        return SiluGLU.apply(gate, up, in_place)
     return act(gate) * up
 
 
@@ -94,7 +109,7 @@ def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: 
 
 
 def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    return activation_(act, outs[0]) if in_place else act(outs[0])
+    return activation_(act, outs[0]) if in_place and not torch.is_grad_enabled() else act(outs[0])
 
 
 FFN_SPECS = (

@@ -91,9 +91,12 @@ class ExpertMath:
 
     def reduce_slots(self, h_KTD: Tensor, gate_KTN: Tensor) -> Tensor:
         """sum_k w_tk s B_{idx_tk} A_{idx_tk} h_tk  -> (T, d_out); `gate_KTN` = slot_mask(idx, w)."""
+        return self.reduce_slots_xA(h_KTD.to(self.dtype) @ self.flat_A().T, gate_KTN)
+
+    def reduce_slots_xA(self, hA_KTM: Tensor, gate_KTN: Tensor) -> Tensor:
+        """`reduce_slots` from h flat_A()^T  (K, T, N r)."""
         K, T, N = gate_KTN.shape
-        z_KTNr = (h_KTD.to(self.dtype) @ self.flat_A().T).view(K, T, N, self.r)
-        z_TM = (z_KTNr * gate_KTN[..., None]).sum(0).view(T, N * self.r)
+        z_TM = (hA_KTM.view(K, T, N, self.r) * gate_KTN[..., None]).sum(0).view(T, N * self.r)
         return z_TM @ self.flat_B()
 
     # ---- grouped path: slots sorted by expert, one grouped GEMM per projection ---------------------
@@ -229,7 +232,38 @@ def has_grouped_mm(dtype: torch.dtype, *dims: int) -> bool:
     return all(d * itemsize % 16 == 0 for d in dims)
 
 
-class SlotsKT:
+def backward_frees_graph() -> bool:
+    """In a custom Function's backward: whether the saved tensors are freed after it (no retain_graph,
+    no create_graph), so it may write its gradients over saved tensors it owns. The same test
+    AOTAutograd makes before it frees saved tensors early; False under torch.compile, whose traced
+    backward manages its own buffers."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    return not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+class Slots:
+    """What every slot layout offers the `ffn` layer beyond its own methods."""
+
+    def broadcast(self, t_TF: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def out_delta(self, bank: ExpertMath, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mix(self, h: Tensor, init_TF: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def mix_and_out_delta(
+        self, h: Tensor, init_TF: Tensor | None, bank: ExpertMath, mask_TF: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(`mix` of h, `out_delta` of h times the LoRA dropout mask (one row per token))."""
+        h_dropped = h if mask_TF is None else h * self.broadcast(mask_TF)
+        delta = self.out_delta(bank, h_dropped)  # first: without autograd `mix` may scale h in place
+        return self.mix(h, init_TF), delta
+
+
+class SlotsKT(Slots):
     """Slot tensors laid out (K, T, F): slot k of token t at [k, t] (`DenseSlots`, `GroupedSlots`)."""
 
     w_TK: Tensor
@@ -260,14 +294,9 @@ class WeightedSlotSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_KTF: Tensor, w_KT: Tensor, init_TF: Tensor | None) -> Tensor:
         ctx.save_for_backward(h_KTF, w_KT)
-        if init_TF is None:
-            mixed_TF, first = h_KTF[0] * w_KT[0, :, None], 1
-        else:
+        if init_TF is not None:
             ctx.mark_dirty(init_TF)
-            mixed_TF, first = init_TF, 0
-        for k in range(first, h_KTF.shape[0]):
-            mixed_TF.addcmul_(h_KTF[k], w_KT[k, :, None])
-        return mixed_TF
+        return _weighted_slot_sum(h_KTF, w_KT, init_TF)
 
     @staticmethod
     def backward(ctx, grad_TF: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -276,9 +305,77 @@ class WeightedSlotSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_h = grad_TF.unsqueeze(0) * w_KT[..., None]  # (K, T, F)
         if ctx.needs_input_grad[1]:
-            # <h_kt, grad_t> for every (k, t): T batched (K, F) @ (F, 1) products, no (K, T, F) temporary
-            grad_w = torch.bmm(h_KTF.transpose(0, 1), grad_TF.unsqueeze(-1)).squeeze(-1).T
+            grad_w = _slot_weight_grad(h_KTF, grad_TF)
         return grad_h, grad_w, grad_TF if ctx.needs_input_grad[2] else None
+
+
+def _weighted_slot_sum(h_KTF: Tensor, w_KT: Tensor, init_TF: Tensor | None) -> Tensor:
+    """init + sum_k w_kt h_kt, k in order, into `init_TF` when given."""
+    if init_TF is None:
+        mixed_TF, first = h_KTF[0] * w_KT[0, :, None], 1
+    else:
+        mixed_TF, first = init_TF, 0
+    for k in range(first, h_KTF.shape[0]):
+        mixed_TF.addcmul_(h_KTF[k], w_KT[k, :, None])
+    return mixed_TF
+
+
+def _slot_weight_grad(h_KTF: Tensor, grad_TF: Tensor) -> Tensor:
+    """<h_kt, grad_t> for every (k, t)  -> (K, T): T batched (K, F) @ (F, 1) products, no (K, T, F)
+    temporary."""
+    return torch.bmm(h_KTF.transpose(0, 1), grad_TF.unsqueeze(-1)).squeeze(-1).T
+
+
+class MixAndProjectA(torch.autograd.Function):
+    """(init + sum_k w_kt h_kt, (h ⊙ mask) A^T): the mix of the slots' hidden and the output
+    projection's first LoRA GEMM (on the hidden times the LoRA dropout mask) in one node.
+
+    As separate ops autograd writes three (K, T, F) gradients for h (the mix's, the GEMM's and the
+    mask multiply's) and adds them. Here the GEMM's gradient is written into the saved h ⊙ mask, which a
+    backward that frees the graph (no retain_graph) no longer needs after A's gradient, and the mask and
+    the mix's gradient are applied to it in place: no fresh (K, T, F) tensor in backward. Under
+    retain_graph the saved tensor stays intact; under create_graph h ⊙ mask is recomputed from h, so
+    its gradient reaches h. Forward values are the same ops as `WeightedSlotSum` and `reduce_slots`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, h_KTF: Tensor, w_KT: Tensor, init_TF: Tensor | None, mask_TF: Tensor | None, A_MF: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        K, T, F = h_KTF.shape
+        hd_KTF = h_KTF if mask_TF is None else h_KTF * mask_TF
+        hA_KTM = (hd_KTF.reshape(K * T, F) @ A_MF.T).view(K, T, -1)
+        ctx.save_for_backward(h_KTF, w_KT, mask_TF, A_MF, None if mask_TF is None else hd_KTF)
+        if init_TF is not None:
+            ctx.mark_dirty(init_TF)
+        return _weighted_slot_sum(h_KTF, w_KT, init_TF), hA_KTM
+
+    @staticmethod
+    def backward(ctx, grad_TF: Tensor | None, grad_KTM: Tensor | None) -> tuple[Tensor | None, ...]:
+        h_KTF, w_KT, mask_TF, A_MF, hd_KTF = ctx.saved_tensors
+        K, T, F = h_KTF.shape
+        grad_h = grad_w = grad_A = None
+        if hd_KTF is None or torch.is_grad_enabled():  # no mask, or create_graph: h ⊙ mask from h
+            hd_KTF = h_KTF if mask_TF is None else h_KTF * mask_TF
+        if grad_KTM is not None:
+            grad_TM = grad_KTM.reshape(K * T, -1)
+            if ctx.needs_input_grad[4]:
+                grad_A = grad_TM.T @ hd_KTF.reshape(K * T, F)
+            if ctx.needs_input_grad[0]:
+                reuse = mask_TF is not None and hd_KTF.is_contiguous() and backward_frees_graph()
+                out = hd_KTF.view(K * T, F) if reuse else None
+                grad_h = torch.mm(grad_TM, A_MF, out=out).view(K, T, F)
+                if mask_TF is not None:
+                    grad_h = grad_h.mul_(mask_TF)
+        if grad_TF is not None:
+            if ctx.needs_input_grad[0]:
+                w_KT1 = w_KT[..., None]
+                mixed_grad = grad_TF.unsqueeze(0)
+                grad_h = mixed_grad * w_KT1 if grad_h is None else grad_h.addcmul_(mixed_grad, w_KT1)
+            if ctx.needs_input_grad[1]:
+                grad_w = _slot_weight_grad(h_KTF, grad_TF)
+        grad_init = grad_TF if ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_init, None, grad_A
 
 
 class DenseSlots(SlotsKT):
@@ -299,6 +396,16 @@ class DenseSlots(SlotsKT):
     def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
         """sum_k w_tk delta_{idx_tk}(h_tk) on the output projection  -> (T, D)."""
         return bank.reduce_slots(h_KTF, bank.slot_mask(self.idx_TK, self.w_TK))
+
+    def mix_and_out_delta(
+        self, h_KTF: Tensor, init_TF: Tensor | None, bank: ExpertMath, mask_TF: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """As `Slots.mix_and_out_delta`, the mix and h A^T in one node (`MixAndProjectA`)."""
+        if h_KTF.dtype != bank.dtype or (mask_TF is not None and mask_TF.dtype != h_KTF.dtype):
+            return super().mix_and_out_delta(h_KTF, init_TF, bank, mask_TF)
+        w_KT = self.w_TK.T.to(h_KTF.dtype)
+        mixed_TF, hA_KTM = MixAndProjectA.apply(h_KTF, w_KT, init_TF, mask_TF, bank.flat_A())
+        return mixed_TF, bank.reduce_slots_xA(hA_KTM, bank.slot_mask(self.idx_TK, self.w_TK))
 
 
 class GroupedSlots(SlotsKT):
@@ -332,7 +439,7 @@ class GroupedSlots(SlotsKT):
         return out_TD.index_add(0, groups.token, delta_SD)
 
 
-class SortedSlots:
+class SortedSlots(Slots):
     """`ffn` slots sorted by expert, kept in that order (slot tensors are (S, F), S = T K): expert j's
     slots are the rows `spans` gives it, so each expert projection is one plain GEMM over them.
 

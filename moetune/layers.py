@@ -33,7 +33,7 @@ from moetune.experts import (
     ExpertMath,
     GroupedSlots,
     LoRAExperts,
-    SlotsKT,
+    Slots,
     SortedSlots,
     has_grouped_mm,
 )
@@ -381,16 +381,17 @@ class MoEFFN(RoutedLayer):
         out_deltas = []
         for piece in self._slot_pieces(slots, idx_TK.shape[1]):
             h_SF = self._slot_hidden(piece, base_outs, in_banks)
-            if out_bank is not None:  # before `mix`, which may scale h in place
-                h_dropped = h_SF if mask_TF is None else h_SF * piece.broadcast(mask_TF)
-                out_deltas.append((piece, piece.out_delta(out_bank, h_dropped)))
-            mixed_TF = piece.mix(h_SF, mixed_TF)
+            if out_bank is None:
+                mixed_TF = piece.mix(h_SF, mixed_TF)
+            else:
+                mixed_TF, delta = piece.mix_and_out_delta(h_SF, mixed_TF, out_bank, mask_TF)
+                out_deltas.append((piece, delta))
         y_TD = self._proj(self.spec.out_proj)(mixed_TF)
         for piece, delta in out_deltas:
             y_TD = piece.add_out(y_TD, delta)
         return y_TD
 
-    def _slot_pieces(self, slots: SlotsKT | SortedSlots, K: int) -> list[SlotsKT | SortedSlots]:
+    def _slot_pieces(self, slots: Slots, K: int) -> list[Slots]:
         """The slots in one piece, or, on the sorted path without autograd, in pieces of whole experts
         of about `cpu_inference_block` tokens' slots each.
 
@@ -404,18 +405,17 @@ class MoEFFN(RoutedLayer):
             return slots.pieces(block * K)
         return [slots]
 
-    def _slot_hidden(
-        self, slots: SlotsKT | SortedSlots, base_outs: list[Tensor], in_banks: dict[str, ExpertMath]
-    ) -> Tensor:
+    def _slot_hidden(self, slots: Slots, base_outs: list[Tensor], in_banks: dict[str, ExpertMath]) -> Tensor:
         """act of every slot's input projections, the experts' deltas added: (K, T, F) on the dense and
         grouped paths, (S, F) in expert order on the sorted path."""
         slot_outs = [
             slots.add_delta(p, in_banks[p], base_TF) if p in in_banks else slots.broadcast(base_TF)
             for p, base_TF in zip(self.spec.in_projs, base_outs, strict=True)
         ]
-        # without autograd (inference) fresh slot tensors are used once: combine them in place
+        # fresh slot tensors are read once: without autograd they are combined in place, with it
+        # SiluGLU's backward writes its gradients over them (a broadcast base output is not fresh)
         fresh = isinstance(slots, SortedSlots) or len(in_banks) == len(self.spec.in_projs)
-        return self.spec.hidden(self._act(), slot_outs, in_place=fresh and not torch.is_grad_enabled())
+        return self.spec.hidden(self._act(), slot_outs, in_place=fresh)
 
     def slot_path(
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None

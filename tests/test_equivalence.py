@@ -429,6 +429,106 @@ def test_silu_glu_equals_autograd_of_the_two_ops() -> None:
     )
 
 
+def test_silu_glu_writes_its_gradients_over_inputs_it_owns() -> None:
+    """SiluGLU(owns_inputs=True): the same value and gradients as autograd of the two ops; a backward
+    that frees the graph writes the gradients over gate and up (no fresh tensors), one under
+    retain_graph leaves them intact, so a second backward gets the same gradients."""
+    from moetune.architectures import SiluGLU
+
+    gen = torch.Generator().manual_seed(1)
+    gate0, up0, grad = (torch.randn(2, 5, 3, dtype=torch.float64, generator=gen) for _ in range(3))
+    x = torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
+    x_plain = x.clone().requires_grad_()
+    (torch.nn.functional.silu(gate0 + x_plain) * (up0 * x_plain)).backward(grad)
+
+    def run(retain: bool) -> tuple[torch.Tensor, ...]:
+        x_in = x.clone().requires_grad_()
+        gate, up = gate0 + x_in, up0 * x_in  # fresh tensors that only SiluGLU reads
+        h = SiluGLU.apply(gate, up, True)
+        torch.testing.assert_close(h, torch.nn.functional.silu(gate0 + x) * (up0 * x), rtol=0, atol=0)
+        h.backward(grad, retain_graph=retain)
+        return x_in, gate.detach().clone(), up.detach().clone(), h
+
+    x_in, gate_after, up_after, _ = run(retain=False)
+    torch.testing.assert_close(x_in.grad, x_plain.grad, rtol=0, atol=1e-15)
+    # the gradients live where gate and up were: d/d gate = grad up silu'(gate), d/d up = grad silu(gate)
+    sig = torch.sigmoid(gate0 + x)
+    torch.testing.assert_close(gate_after, grad * torch.nn.functional.silu(gate0 + x), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(
+        up_after, grad * (up0 * x) * sig * (1 + (gate0 + x) * (1 - sig)), rtol=1e-14, atol=1e-14
+    )
+
+    x_in, gate_after, up_after, h = run(retain=True)
+    torch.testing.assert_close(gate_after, gate0 + x, rtol=0, atol=0)  # untouched
+    torch.testing.assert_close(up_after, up0 * x, rtol=0, atol=0)
+    h.backward(grad)  # the second backward through the kept graph
+    torch.testing.assert_close(x_in.grad, 2 * x_plain.grad, rtol=0, atol=1e-14)
+    # double backward (create_graph keeps the graph): finite differences of the gradient
+    assert torch.autograd.gradgradcheck(
+        lambda g, u: SiluGLU.apply(g * 1, u * 1, True),
+        (gate0.clone().requires_grad_(), up0.clone().requires_grad_()),
+    )
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_mix_and_project_equals_the_separate_ops(with_mask: bool, with_init: bool) -> None:
+    """MixAndProjectA = (init + sum_k w_k h_k, (h ⊙ mask) A^T): values and gradients (h, w, init, A)
+    equal to autograd of the separate ops (float64), finite differences, create_graph; a backward
+    that frees the graph hands h the saved h ⊙ mask's memory as its gradient, retain_graph does not."""
+    from moetune.experts import MixAndProjectA
+
+    gen = torch.Generator().manual_seed(2)
+    K, T, F, M = 2, 5, 6, 4
+    x0, w0 = torch.randn(K, T, F, dtype=torch.float64, generator=gen), torch.rand(K, T, dtype=torch.float64)
+    A0, init0 = torch.randn(M, F, dtype=torch.float64, generator=gen), torch.randn(T, F, dtype=torch.float64)
+    mask = (torch.rand(T, F, generator=gen) > 0.3).double() / 0.7 if with_mask else None
+    g_mixed, g_hA = torch.randn(T, F, dtype=torch.float64), torch.randn(K, T, M, dtype=torch.float64)
+
+    def leaves() -> list[torch.Tensor]:
+        return [t.clone().requires_grad_() for t in (x0, w0, A0, init0)]
+
+    def separate(x, w, A, init):  # noqa: ANN001, ANN202
+        h = x * 2  # a fresh tensor, as the slots' hidden is
+        hd = h if mask is None else h * mask
+        mixed = (init if with_init else 0) + (w[..., None] * h).sum(0)
+        return mixed, hd @ A.T
+
+    def fused(x, w, A, init):  # noqa: ANN001, ANN202
+        return MixAndProjectA.apply(x * 2, w, init * 1 if with_init else None, mask, A)
+
+    want = leaves()
+    outs = separate(*want)
+    torch.autograd.backward(outs, (g_mixed, g_hA))
+    names = ["x", "w", "A", "init"][: 4 if with_init else 3]
+
+    def run_fused(retain: bool) -> tuple[list[torch.Tensor], bool]:
+        """The leaves with their gradients, and whether h's gradient took a saved tensor's memory."""
+        got, saved, h_grad = leaves(), [], []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fused_outs = fused(*got)
+        for a, b in zip(fused_outs, outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+        fused_outs[1].grad_fn.register_hook(lambda grads_in, _: h_grad.append(grads_in[0]))
+        torch.autograd.backward(fused_outs, (g_mixed, g_hA), retain_graph=retain)
+        if retain:  # a second backward through the kept graph
+            torch.autograd.backward(fused_outs, (g_mixed, g_hA))
+        return got, any(h_grad[0].data_ptr() == t.data_ptr() for t in saved if t is not None)
+
+    got, reused = run_fused(retain=False)
+    for name, a, b in zip(names, got, want, strict=False):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-13, atol=1e-13, msg=name)
+    assert reused == with_mask  # the saved h ⊙ mask (fresh) becomes h's gradient
+    got, reused = run_fused(retain=True)
+    for name, a, b in zip(names, got, want, strict=False):
+        torch.testing.assert_close(a.grad, 2 * b.grad, rtol=1e-13, atol=1e-13, msg=name)
+    assert not reused
+
+    args = [t.clone().requires_grad_() for t in (x0, w0, A0)]
+    assert torch.autograd.gradcheck(lambda x, w, A: fused(x, w, A, init0), args)
+    assert torch.autograd.gradgradcheck(lambda x, w, A: fused(x, w, A, init0), args)
+
+
 @pytest.mark.parametrize("base_dtype", [torch.float64, torch.bfloat16])
 def test_attention_lora_by_hand_with_and_without_autograd(base_dtype: torch.dtype) -> None:
     """LoRALinear = W x + b + s B A x. Without autograd B's GEMM adds into the frozen output in place
@@ -609,13 +709,15 @@ def test_sorted_path_with_some_projections(targets: list[str]) -> None:
     assert_paths_agree(model, tiny_batch("llama", batch=2, seq=7, padded=True))
 
 
-def test_sorted_path_with_lora_dropout_equals_dense() -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_sorted_path_with_lora_dropout_equals_dense(family: str) -> None:
     """In training mode with LoRA dropout, the sorted and dense paths draw the same masks (one per
-    token for x, one per token for the hidden, shared by its slots): same output and gradients."""
-    model = float64_model("llama", "ffn", "topk", lora_dropout=0.3)
+    token for x, one per token for the hidden, shared by its slots): same output and gradients. (The
+    dense path mixes and projects the hidden in one node, `MixAndProjectA`; the sorted one does not.)"""
+    model = float64_model(family, "ffn", "topk", lora_dropout=0.3)
     randomize_(model)
     model.train()
-    batch = tiny_batch("llama", batch=3, seq=9, padded=True)
+    batch = tiny_batch(family, batch=3, seq=9, padded=True)
     results = {}
     for dispatch in ("dense", "sorted"):
         model._ctx.dispatch = dispatch
