@@ -248,6 +248,9 @@ class Slots:
     def broadcast(self, t_TF: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def add_delta(self, name: str, bank: ExpertMath, base_TF: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def out_delta(self, bank: ExpertMath, h: Tensor) -> Tensor:
         raise NotImplementedError
 
