@@ -6,7 +6,8 @@
   experts (dense, and grouped: `torch._grouped_mm` takes its CUTLASS kernel for bf16 on sm90 or newer and
   a loop of GEMMs otherwise) and `linear` experts.
 - Inference without autograd (the attention LoRA's in-place add) equals the forward with autograd on,
-  and the hidden's LoRA dropout mask drawn on the GPU has the right values and rate.
+  and the hidden's LoRA dropout mask drawn on the GPU has the right values and rate; with LoRA dropout
+  the dense training path (gradients written over saved tensors) equals the sorted one.
 - A few steps through MoETrainer with `bf16=True` (autocast): finite losses, the adapter moves, the
   routers stay float32.
 - FSDP2 through `accelerate launch` with examples/accelerate/fsdp2.yaml, and DeepSpeed ZeRO-2/3 with
@@ -127,6 +128,29 @@ def test_hidden_dropout_mask_on_cuda() -> None:
     torch.testing.assert_close(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.75))
     assert abs((~kept).float().mean().item() - 0.25) < 6 * (0.25 * 0.75 / mask_TF.numel()) ** 0.5
     assert not torch.equal(mask_TF, other_TF)
+
+
+def test_dense_path_with_lora_dropout_equals_sorted_on_cuda() -> None:
+    """Training with LoRA dropout on the GPU: the dense path (the hidden's mix and its h A^T in one
+    node, whose backward writes h's gradient into the saved h ⊙ mask; SiluGLU's gradients written over
+    gate and up) and the sorted path (separate ops) draw the same masks and give the same output and
+    gradients."""
+    cfg = moetune.MoEConfig(num_experts=4, r=8, lora_dropout=0.3)
+    model = moetune.get_moe_model(tiny_model("llama"), cfg)
+    randomize_(model)
+    model.to("cuda").train()
+    batch = {k: v.cuda() for k, v in tiny_batch("llama", batch=3, seq=9, padded=True).items()}
+    results = {}
+    for dispatch in ("dense", "sorted"):
+        model._ctx.dispatch = dispatch
+        torch.manual_seed(0)
+        out, grads = run(model, batch, reference=False)
+        assert out.device.type == "cuda"
+        results[dispatch] = {"logits": out, **grads}
+    assert _max_rel_error(results["sorted"], results["dense"]) < 1e-5
+    torch.manual_seed(1)
+    other, _ = run(model, batch, reference=False)
+    assert _max_rel_error({"y": other}, {"y": results["sorted"]["logits"]}) > 1e-3  # the masks count
 
 
 @pytest.fixture
