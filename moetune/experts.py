@@ -20,6 +20,9 @@ plain GEMM per expert over its contiguous rows: no wasted work and no grouped ke
 (the group sizes) and a Python loop over the experts; it is the CPU inference path, run in pieces of
 whole experts (`SortedSlots.pieces`) so that its slot tensors stay small.
 `DenseSlots` / `GroupedSlots` / `SortedSlots` are the ways an `ffn` layer gets its per-slot tensors.
+Custom autograd nodes keep the (K, T, F) slot tensors few in training: `WeightedSlotSum` (the mix),
+and `MixAndProjectA` (the mix and the output projection's h A^T on the dense path, whose backward
+writes the hidden's gradient into memory it saved).
 `expert` is the slow, obvious per-expert path the tests hold the fast ones to.
 """
 
