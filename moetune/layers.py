@@ -462,12 +462,18 @@ class MoEFFN(RoutedLayer):
 
     def _hidden_dropout_mask(self, x_TD: Tensor) -> Tensor | None:
         """LoRA dropout's mask for the hidden (T, F) in training, one row per token shared by its K
-        slots: the mask nn.Dropout would multiply by, drawn directly (one (T, F) tensor, not three)."""
+        slots: 0 with probability p, else 1 / (1 - p), as nn.Dropout multiplies by, drawn directly
+        (one (T, F) tensor, not three).
+
+        On CPU from uniform draws (u < 1 - p): 10.5 ms against 17.2 ms for bernoulli_ at 2048 x 1376
+        on 2 cores; on GPUs bernoulli_ is one fused kernel."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
         keep = 1.0 - self.lora_dropout.p
         F = linear_dims(self._proj(self.spec.out_proj))[0]
-        return x_TD.new_empty(x_TD.shape[0], F).bernoulli_(keep).div_(keep)
+        mask_TF = x_TD.new_empty(x_TD.shape[0], F)
+        mask_TF = mask_TF.uniform_().lt_(keep) if mask_TF.device.type == "cpu" else mask_TF.bernoulli_(keep)
+        return mask_TF.div_(keep)
 
     def _expert_ffn(
         self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None

@@ -734,7 +734,8 @@ def test_sorted_path_with_lora_dropout_equals_dense(family: str) -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_hidden_dropout_mask(family: str) -> None:
     """Training-mode LoRA dropout's mask for the hidden (T, F): every value 0 or 1 / (1 - p), about p
-    of them 0, drawn as nn.Dropout draws on CPU (seeded runs keep their masks); none in eval mode.
+    of them 0 (overall and per row and column), the same mask for the same seed and a fresh one per
+    draw; none in eval mode.
     (The K slots of a token share its row: `test_sorted_path_with_lora_dropout_equals_dense`.)"""
     model = float64_model(family, "ffn", "topk", lora_dropout=0.3)
     layer = next(m for m in model.modules() if isinstance(m, MoEFFN))
@@ -748,7 +749,13 @@ def test_hidden_dropout_mask(family: str) -> None:
     assert torch.allclose(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.7))
     assert abs((~kept).double().mean().item() - 0.3) < 6 * (0.3 * 0.7 / mask_TF.numel()) ** 0.5  # 6 sd
     torch.manual_seed(0)
-    assert torch.equal(mask_TF, nn.Dropout(0.3)(torch.ones_like(mask_TF)))
+    assert torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD))
+    assert not torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD))
+    big_TF = layer._hidden_dropout_mask(torch.randn(4096, d_model, dtype=torch.float64))
+    dropped = (big_TF == 0).double()
+    for rate in (dropped.mean(1), dropped.mean(0)):  # per token and per feature: no stripes
+        n = big_TF.numel() / rate.numel()
+        assert (rate - 0.3).abs().max() < 6 * (0.3 * 0.7 / n) ** 0.5
     layer.eval()
     assert layer._hidden_dropout_mask(x_TD) is None
 
