@@ -43,6 +43,30 @@ from moetune.stats import accumulate_stats
 Blocks = tuple[int, ...] | None  # task blocks whose experts a token may use; None = every expert
 
 
+def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
+    """Inverted dropout's multiplier (Srivastava et al. 2014): 0 with probability p, else 1 / (1 - p),
+    in `like`'s dtype and device. On CPU from uniform draws (u < 1 - p): 10.2 ms against 17.4 ms for
+    bernoulli_ at 2048 x 1376 on 2 cores; on GPUs bernoulli_ is one fused kernel."""
+    keep = 1.0 - p
+    mask = like.new_empty(shape)
+    mask = mask.uniform_().lt_(keep) if mask.device.type == "cpu" else mask.bernoulli_(keep)
+    return mask.div_(keep)
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout on the LoRA input, its CPU mask from `dropout_mask` (the same distribution; torch's
+    CPU dropout draws bernoulli_); elsewhere, and in eval mode, nn.Dropout itself."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return x * dropout_mask(x, tuple(x.shape), self.p)
+
+
+def lora_dropout(p: float) -> nn.Module:
+    return LoRADropout(p) if p > 0 else nn.Identity()
+
+
 @dataclass
 class RoutingContext:
     """State shared by the model wrapper and every layer, set per forward."""
@@ -156,7 +180,7 @@ class RoutedLayer(nn.Module):
             num_tasks=1 + len(cfg.extra_tasks),
             device=device,
         )
-        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = lora_dropout(cfg.lora_dropout)
         self._recomputed_losses: list[Tensor] = []  # reentrant checkpointing: to attach to the output
 
     # ---- tasks: one block of experts per task ----------------------------------------------------
@@ -462,18 +486,11 @@ class MoEFFN(RoutedLayer):
 
     def _hidden_dropout_mask(self, x_TD: Tensor) -> Tensor | None:
         """LoRA dropout's mask for the hidden (T, F) in training, one row per token shared by its K
-        slots: 0 with probability p, else 1 / (1 - p), as nn.Dropout multiplies by, drawn directly
-        (one (T, F) tensor, not three).
-
-        On CPU from uniform draws (u < 1 - p): 10.5 ms against 17.2 ms for bernoulli_ at 2048 x 1376
-        on 2 cores; on GPUs bernoulli_ is one fused kernel."""
+        slots, drawn directly (one (T, F) tensor, not the three of nn.Dropout on ones)."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
-        keep = 1.0 - self.lora_dropout.p
         F = linear_dims(self._proj(self.spec.out_proj))[0]
-        mask_TF = x_TD.new_empty(x_TD.shape[0], F)
-        mask_TF = mask_TF.uniform_().lt_(keep) if mask_TF.device.type == "cpu" else mask_TF.bernoulli_(keep)
-        return mask_TF.div_(keep)
+        return dropout_mask(x_TD, (x_TD.shape[0], F), self.lora_dropout.p)
 
     def _expert_ffn(
         self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None
@@ -583,7 +600,7 @@ class LoRALinear(nn.Module):
         w = base_layer.weight
         dtype = _adapter_dtype(w, adapter_dtype)
         self.lora = LoRAExperts(1, d_in, d_out, r, scaling, dtype=dtype, device=w.device)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = lora_dropout(dropout)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)

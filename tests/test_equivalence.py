@@ -760,6 +760,26 @@ def test_hidden_dropout_mask(family: str) -> None:
     assert layer._hidden_dropout_mask(x_TD) is None
 
 
+def test_lora_dropout_module() -> None:
+    """LoRADropout (the layers' dropout on the LoRA input): in training x times a mask of 0 and
+    1 / (1 - p), about p of them 0, gradient the same mask; the identity in eval mode; nn.Identity
+    for p = 0."""
+    from moetune.layers import LoRADropout, lora_dropout
+
+    drop = lora_dropout(0.25)
+    assert isinstance(drop, LoRADropout) and isinstance(lora_dropout(0.0), nn.Identity)
+    x = torch.randn(512, 64, dtype=torch.float64, requires_grad=True)
+    y = drop.train()(x)
+    mask = (y / x).detach()
+    kept = mask != 0
+    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / 0.75))
+    assert abs((~kept).double().mean().item() - 0.25) < 6 * (0.25 * 0.75 / mask.numel()) ** 0.5
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, mask)
+    assert not torch.equal(drop(x), y)  # a fresh mask per call
+    assert drop.eval()(x) is x
+
+
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
 def test_sorted_path_on_a_bfloat16_base(adapter_dtype: str) -> None:
     """bf16 base: the sorted inference path equals the dense one up to bf16 rounding, with float32
