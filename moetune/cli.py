@@ -258,11 +258,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     for task, layers in result["routing"].items():
         print(f"\n{task}")
-        print(f"  {'layer':<40} {'load CV':>8} {'entropy':>8} {'dead':>5}  tokens per expert")
+        print(
+            f"  {'layer':<40} {'load CV':>8} {'entropy':>8} {'eff.exp':>8} {'eff.load':>8} {'dead':>5}  "
+            "tokens per expert"
+        )
         for name, s in layers.items():
             print(
-                f"  {name[-40:]:<40} {s['load_cv']:8.3f} {s['entropy']:8.3f} {len(s['dead_experts']):5d}  "
-                f"{s['tokens_per_expert']}"
+                f"  {name[-40:]:<40} {s['load_cv']:8.3f} {s['entropy']:8.3f} {s['effective_experts']:8.2f} "
+                f"{s['effective_load']:8.2f} {len(s['dead_experts']):5d}  {s['tokens_per_expert']}"
             )
     plot_routing(result["routing"], os.path.join(out, "routing.png"))
     plot_task_expert(

@@ -169,17 +169,20 @@ def _ask(text: str) -> tuple[tuple[str, str], ...]:
     return (("user", text),)
 
 
+READERS = {"sentiment": _read_sentiment, "topic": _read_topics, "tweets": _read_tweets}
+
+
+def cut(tokenizer, text: str, n: int = 96) -> str:
+    """`text` cut to its first n tokens (then " ...")."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= n else tokenizer.decode(ids[:n]) + " ..."
+
+
 def build_tasks(train_per_task: int, test_per_task: int, seed: int, tokenizer) -> Tasks:
     """Held-out items depend only on (seed, task, test_per_task), never on the training size."""
-
-    def cut(text: str, n: int = 96) -> str:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= n else tokenizer.decode(ids[:n]) + " ..."
-
-    readers = {"sentiment": _read_sentiment, "topic": _read_topics, "tweets": _read_tweets}
     train: dict[str, list[Example]] = {}
     test: dict[str, list[EvalItem]] = {}
-    for task, read in readers.items():
+    for task, read in READERS.items():
         items = sorted(set(read()))  # exact duplicates removed, order fixed
         random.Random(f"{seed}/{task}").shuffle(items)
         n_test = test_per_task + (-test_per_task) % len(OPTIONS[task])  # balanced, at least test_per_task
@@ -188,12 +191,24 @@ def build_tasks(train_per_task: int, test_per_task: int, seed: int, tokenizer) -
         rest = [x for x in items if x[0] not in held_texts]
         picked = _balanced(rest, train_per_task, random.Random(f"{seed}/{task}/train"))
         make = lambda t, label, task=task: Example(
-            (*_ask(PROMPTS[task].format(cut(t))), ("assistant", label)), task
+            (*_ask(PROMPTS[task].format(cut(tokenizer, t))), ("assistant", label)), task
         )
         train[task] = [make(t, label) for t, label in picked]
         test[task] = [EvalItem(make(t, label), OPTIONS[task]) for t, label in held]
     train["arithmetic"], test["arithmetic"] = _arithmetic(train_per_task, test_per_task, seed)
     return Tasks(train, test)
+
+
+# two-digit additions: reasoning-gym's basic_arithmetic settings
+ARITHMETIC = dict(
+    min_terms=2,
+    max_terms=2,
+    min_digits=2,
+    max_digits=2,
+    operators=("+",),
+    allow_parentheses=False,
+    allow_negation=False,
+)
 
 
 def _arithmetic(n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[EvalItem]]:
@@ -203,18 +218,11 @@ def _arithmetic(n_train: int, n_test: int, seed: int) -> tuple[list[Example], li
         raise MissingAsset(
             "the demo needs the PyPI package 'reasoning-gym': pip install reasoning-gym"
         ) from None
-    spec = dict(
-        min_terms=2,
-        max_terms=2,
-        min_digits=2,
-        max_digits=2,
-        operators=("+",),
-        allow_parentheses=False,
-        allow_negation=False,
+    test_ds = reasoning_gym.create_dataset(
+        "basic_arithmetic", size=n_test, seed=seed + 1_000_003, **ARITHMETIC
     )
-    test_ds = reasoning_gym.create_dataset("basic_arithmetic", size=n_test, seed=seed + 1_000_003, **spec)
     test_q = {x["question"] for x in test_ds}
-    train_ds = reasoning_gym.create_dataset("basic_arithmetic", size=2 * n_train, seed=seed, **spec)
+    train_ds = reasoning_gym.create_dataset("basic_arithmetic", size=2 * n_train, seed=seed, **ARITHMETIC)
     train = [x for x in train_ds if x["question"] not in test_q][:n_train]  # disjoint from the test set
     make = lambda x: Example((*_ask(x["question"]), ("assistant", x["answer"])), "arithmetic")
     return [make(x) for x in train], [EvalItem(make(x)) for x in test_ds]

@@ -2,7 +2,11 @@
 
 Classification items are scored by the log-likelihood of each option's tokens after the chat-formatted
 prompt (the option with the highest total log-probability wins); free-form items (arithmetic) by exact
-match of a greedy answer. Intervals are Wilson score intervals at 95%.
+match of a greedy answer, either decoded (`exact_match="generate"`: up to 8 new tokens, the first line
+compared without a final period) or checked in one forward pass (`exact_match="teacher_forced"`: the
+answer's tokens, as training encodes them, and the end of the turn must each be the model's argmax after
+the prompt and the answer's tokens before them: what greedy decoding would emit, with no length cap and
+no normalisation). Intervals are Wilson score intervals at 95%.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from torch import nn
 
 from moetune.data import Example, end_of_turn, prompt_text
+
+EXACT_MATCH = ("generate", "teacher_forced")
 
 
 @dataclass
@@ -113,8 +119,95 @@ def greedy_answer(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int 
     return greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
+@torch.no_grad()
+def greedy_matches(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Whether greedy decoding after each prompt gives exactly its answer, end of turn included.
+
+    One left-padded forward per batch: answer token j is matched against the argmax of the logits at
+    the position before it, given the prompt and answer tokens 0..j-1 (teacher forcing); all must match.
+    The answer is tokenised with the end of turn as `moetune.data.encode` does for training.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    end = end_of_turn(tokenizer)
+    rows, answer_lengths = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        answer_ids = tokenizer(answer + end, add_special_tokens=False)["input_ids"]
+        rows.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer_ids)
+        answer_lengths.append(len(answer_ids))
+    L, W = max(map(len, rows)), max(answer_lengths)
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])  # (B, L): every row ends at L
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # the logits at positions L-W-1 .. L-2 predict the last W tokens
+    logits_BWV = model(
+        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], logits_to_keep=W
+    ).logits
+    predicted_BW = logits_BWV.argmax(-1)
+    return [bool((predicted_BW[b, W - n :] == ids[b, L - n :]).all()) for b, n in enumerate(answer_lengths)]
+
+
 def normalise_answer(text: str) -> str:
     return text.strip().split("\n")[0].strip().rstrip(".").strip()
+
+
+def score_items(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[EvalItem],
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = 8,
+    exact_match: str = "generate",
+) -> list[bool]:
+    """Whether the model answers each item correctly, in the items' order (see the module docstring)."""
+    if exact_match not in EXACT_MATCH:
+        raise ValueError(f"exact_match={exact_match!r}: allowed {', '.join(map(repr, EXACT_MATCH))}")
+    was_training = model.training
+    model.eval()
+    correct = [False] * len(items)
+    end = end_of_turn(tokenizer)  # options are scored with the turn's end, so "sport" != "sports..."
+    free_form, by_options = [], {}
+    for i, item in enumerate(items):
+        prompt = prompt_text(tokenizer, item.example.messages[:-1])
+        if item.options:
+            by_options.setdefault(item.options, []).append((i, prompt))
+        else:
+            free_form.append((i, prompt))
+    for options, indexed in by_options.items():
+        indexed.sort(key=lambda pair: len(pair[1]))  # similar lengths share a batch: little padding
+        for start in range(0, len(indexed), batch_size):
+            chunk = indexed[start : start + batch_size]
+            scores = option_logprobs_batch(
+                model, tokenizer, [p for _, p in chunk], [o + end for o in options]
+            )
+            for row, (i, _) in zip(scores, chunk, strict=True):
+                correct[i] = options[max(range(len(row)), key=row.__getitem__)] == items[i].example.response
+            if progress:
+                progress(len(chunk))
+    if free_form and exact_match == "generate":
+        answers = greedy_answers(model, tokenizer, [p for _, p in free_form])
+        for (i, _), answer in zip(free_form, answers, strict=True):
+            correct[i] = normalise_answer(answer) == normalise_answer(items[i].example.response)
+        if progress:
+            progress(len(free_form))
+    elif free_form:
+        free_form.sort(key=lambda pair: len(pair[1]))
+        for start in range(0, len(free_form), batch_size):
+            chunk = free_form[start : start + batch_size]
+            golds = [items[i].example.response for i, _ in chunk]
+            matches = greedy_matches(model, tokenizer, [p for _, p in chunk], golds)
+            for (i, _), ok in zip(chunk, matches, strict=True):
+                correct[i] = ok
+            if progress:
+                progress(len(chunk))
+    model.train(was_training)
+    return correct
+
+
+def summarise(correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy with its 95% Wilson interval and the number of items."""
+    n, hits = len(correct), sum(correct)
+    low, high = wilson_interval(hits, n)
+    return {"accuracy": hits / n if n else float("nan"), "ci95_low": low, "ci95_high": high, "n": n}
 
 
 def evaluate(
@@ -123,39 +216,7 @@ def evaluate(
     items: Sequence[EvalItem],
     progress: Callable[[int], None] | None = None,
     batch_size: int = 8,
+    exact_match: str = "generate",
 ) -> dict[str, float]:
     """Accuracy with its 95% interval over `items`."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    end = end_of_turn(tokenizer)  # options are scored with the turn's end, so "sport" != "sports..."
-    free_form, by_options = [], {}
-    for item in items:
-        prompt = prompt_text(tokenizer, item.example.messages[:-1])
-        if item.options:
-            by_options.setdefault(item.options, []).append((prompt, item.example.response))
-        else:
-            free_form.append((prompt, item.example.response))
-    for options, pairs in by_options.items():
-        pairs.sort(key=lambda pair: len(pair[0]))  # similar lengths share a batch: little padding
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            scores = option_logprobs_batch(
-                model, tokenizer, [p for p, _ in chunk], [o + end for o in options]
-            )
-            for row, (_, gold) in zip(scores, chunk, strict=True):
-                correct += options[max(range(len(row)), key=row.__getitem__)] == gold
-            if progress:
-                progress(len(chunk))
-    if free_form:
-        answers = greedy_answers(model, tokenizer, [p for p, _ in free_form])
-        golds = [gold for _, gold in free_form]
-        correct += sum(
-            normalise_answer(a) == normalise_answer(g) for a, g in zip(answers, golds, strict=True)
-        )
-        if progress:
-            progress(len(free_form))
-    model.train(was_training)
-    n = len(items)
-    low, high = wilson_interval(correct, n)
-    return {"accuracy": correct / n if n else float("nan"), "ci95_low": low, "ci95_high": high, "n": n}
+    return summarise(score_items(model, tokenizer, items, progress, batch_size, exact_match))

@@ -38,16 +38,22 @@ def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
         "## Routing on held-out data (after)",
         "",
         "Smallest share of routed slots any expert of any layer receives, times E (1.0 = perfectly even), "
-        "over all held-out tokens and per task (experts may specialise); routing.png shows every layer.",
+        "over all held-out tokens and per task (experts may specialise); the effective numbers of experts "
+        "(exp of an entropy, averaged over layers: E = even, 1 = collapse onto one expert) per token "
+        "(the experts a token mixes) and of the load (the experts sharing the work); routing.png shows "
+        "every layer.",
         "",
-        "| tokens | min share × E | mean load CV | dead experts |",
-        "|---|---|---|---|",
+        "| tokens | min share × E | mean load CV | effective experts per token | effective load | dead |",
+        "|---|---|---|---|---|---|",
     ]
     for group, layers in metrics["routing"].items():
-        cvs = [s["load_cv"] for s in layers.values()]
+        n = max(len(layers), 1)
+        cv, per_token, load = (
+            sum(s[k] for s in layers.values()) / n for k in ("load_cv", "effective_experts", "effective_load")
+        )
         dead = sum(len(s["dead_experts"]) for s in layers.values())
         worst = min_share_times_experts(layers)
-        lines.append(f"| {group} | {worst:.2f} | {sum(cvs) / max(len(cvs), 1):.3f} | {dead} |")
+        lines.append(f"| {group} | {worst:.2f} | {cv:.3f} | {per_token:.2f} | {load:.2f} | {dead} |")
     lines += [
         "",
         "## Settings",

@@ -205,6 +205,9 @@ class Router(nn.Module):
         self.register_buffer(
             "token_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False
         )
+        self.register_buffer(  # sum over tokens of exp(entropy of the combine weights)
+            "effective_sum", torch.zeros((), dtype=torch.float64, device=device), persistent=False
+        )
         # tokens per expert of the tokens routed for one task (tasks x E), since the last reset
         self.register_buffer("task_counts", counts.clone()[None].repeat(num_tasks, 1), persistent=False)
 

@@ -2,8 +2,14 @@
 
 Each router accumulates, between resets, the slots each expert received and the entropy of its
 probabilities; `summarize` turns them into the numbers users read: tokens per expert, load CV
-(std / mean of the counts, 0 = perfectly even), mean router entropy in nats (log E = uniform), and
-dead experts (no token at all). Under data parallelism the counts are summed across ranks.
+(std / mean of the counts, 0 = perfectly even), mean router entropy in nats (log E = uniform), dead
+experts (no token at all), and two effective numbers of experts, exp(entropy) (Hill's diversity of
+order 1; E = every expert used evenly, 1 = collapse onto one):
+  effective_experts  mean over real tokens of exp(H(w_t)), w_t the token's combine weights normalised
+                     to sum 1 (a token that no expert takes counts 0): how many experts a token mixes
+  effective_load     exp(H(c / sum c)), c the slots per expert: how many experts share the work
+A router collapsed onto one expert, as ReMix (ICLR 2026) reports of MixLoRA, has both near 1.
+Under data parallelism the sums are taken across ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from moetune.routing import Router, Routing
 
 # The router buffers that hold this rank's running sums: all-reduced when read, never copied between
 # ranks (DDP's per-forward buffer broadcast would replace them with rank 0's, see MoEModel).
-PER_RANK_BUFFERS = ("step_counts", "load_counts", "entropy_sum", "token_count", "task_counts")
+PER_RANK_BUFFERS = (
+    "step_counts",
+    "load_counts",
+    "entropy_sum",
+    "token_count",
+    "effective_sum",
+    "task_counts",
+)
 
 
 @torch.no_grad()
@@ -45,7 +58,27 @@ def accumulate_stats(
         router.task_counts[task] += counts_E
     entropy_T = torch.special.entr(routing.probs.to(torch.float64)).sum(-1)  # -sum p log p, 0 log 0 = 0
     router.entropy_sum += torch.where(mask_T, entropy_T, 0.0).sum()  # a where, not a gather: no host sync
+    router.effective_sum += torch.where(mask_T, effective_experts(routing.dense_weights()), 0.0).sum()
     router.token_count += mask_T.sum()
+
+
+def effective_experts(w_TE: Tensor) -> Tensor:
+    """Per token, exp of the entropy of its combine weights normalised to sum 1; 0 for a token with
+    none  -> (T,) float64."""
+    w_TE = w_TE.to(torch.float64)
+    total_T1 = w_TE.sum(-1, keepdim=True)
+    shares_TE = w_TE / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
+    entropy_T = torch.special.entr(shares_TE).sum(-1)
+    return torch.where(total_T1[:, 0] > 0, entropy_T.exp(), torch.zeros_like(entropy_T))
+
+
+def effective_load(counts_E: Tensor) -> float:
+    """exp of the entropy of the expert loads' shares (E when even, 1 when one expert takes all);
+    0 when nothing was routed."""
+    total = counts_E.double().sum()
+    if total == 0:
+        return 0.0
+    return float(torch.special.entr(counts_E.double() / total).sum().exp())
 
 
 def _starts(router: Router, blocks: tuple[int, ...] | None) -> list[int]:
@@ -69,7 +102,7 @@ def load_cv(counts_E: Tensor) -> float:
 
 def summarize(router: Router) -> dict[str, Any]:
     counts_E = all_reduce_sum(router.load_counts)
-    totals = all_reduce_sum(torch.stack([router.entropy_sum, router.token_count]))
+    totals = all_reduce_sum(torch.stack([router.entropy_sum, router.token_count, router.effective_sum]))
     tokens = float(totals[1])
     return {
         "tokens": int(tokens),
@@ -78,6 +111,8 @@ def summarize(router: Router) -> dict[str, Any]:
         "entropy": float(totals[0]) / tokens if tokens else float("nan"),
         "max_entropy": float(torch.log(torch.tensor(float(counts_E.numel())))),
         "dead_experts": [i for i, c in enumerate(counts_E.tolist()) if c == 0] if tokens else [],
+        "effective_experts": float(totals[2]) / tokens if tokens else float("nan"),
+        "effective_load": effective_load(counts_E),
     }
 
 
@@ -90,8 +125,9 @@ def by_task(router: Router, tasks: list[str]) -> dict[str, list[int]]:
 
 
 def reset(router: Router) -> None:
-    for buf in (router.load_counts, router.entropy_sum, router.token_count, router.task_counts):
+    for buf in (router.load_counts, router.entropy_sum, router.token_count, router.effective_sum):
         buf.zero_()
+    router.task_counts.zero_()
 
 
 def merge(groups: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -101,8 +137,9 @@ def merge(groups: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
         parts = [g[layer] for g in groups]
         counts = torch.tensor([p["tokens_per_expert"] for p in parts], dtype=torch.float64).sum(0)
         tokens = sum(p["tokens"] for p in parts)
-        entropy = (
-            sum(p["entropy"] * p["tokens"] for p in parts if p["tokens"]) / tokens if tokens else float("nan")
+        entropy, effective = (
+            sum(p[key] * p["tokens"] for p in parts if p["tokens"]) / tokens if tokens else float("nan")
+            for key in ("entropy", "effective_experts")
         )
         merged[layer] = {
             "tokens": tokens,
@@ -111,6 +148,8 @@ def merge(groups: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
             "entropy": entropy,
             "max_entropy": parts[0]["max_entropy"],
             "dead_experts": [i for i, c in enumerate(counts.tolist()) if c == 0] if tokens else [],
+            "effective_experts": effective,
+            "effective_load": effective_load(counts),
         }
     return merged
 

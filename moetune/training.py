@@ -249,6 +249,8 @@ class MoETrainerMixin:
             if layer_stats and layer_stats[0]["tokens"]:
                 logs["moe/load_cv"] = round(sum(s["load_cv"] for s in layer_stats) / len(layer_stats), 4)
                 logs["moe/dead_experts"] = sum(len(s["dead_experts"]) for s in layer_stats)
+                for key in ("effective_experts", "effective_load"):  # averaged over layers
+                    logs[f"moe/{key}"] = round(sum(s[key] for s in layer_stats) / len(layer_stats), 4)
             moe.reset_routing_stats()
             if moe.moe_config.skip_nonfinite:
                 logs["moe/skipped_steps"] = self.step_monitor.skipped  # since the last log

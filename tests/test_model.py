@@ -387,6 +387,55 @@ def test_routing_stats_exclude_padding_and_are_consistent(family, expert_type, r
         assert st["load_cv"] == 0.0 and st["dead_experts"] == []
 
 
+def test_effective_experts_by_hand():
+    """exp(entropy) of normalised combine weights per token; of the load shares per layer."""
+    from moetune.stats import effective_experts, effective_load
+
+    w_TE = torch.tensor(
+        [[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.3, 0.0, 0.0]],
+        dtype=torch.float64,
+    )
+    p = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    expected = [2.0, 1.0, 0.0, math.exp(-(p * p.log()).sum().item())]  # 0.1, 0.3 renormalised
+    assert effective_experts(w_TE).tolist() == pytest.approx(expected, abs=1e-12)
+    assert effective_load(torch.tensor([5.0, 5.0, 5.0, 5.0])) == pytest.approx(4.0)
+    assert effective_load(torch.tensor([7.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_load(torch.tensor([0.0, 0.0])) == 0.0
+    shares = torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64)
+    assert effective_load(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(
+        math.exp(-(shares * shares.log()).sum())
+    )
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "switch"])
+def test_routing_stats_effective_experts(router):
+    """Over real tokens only: the mean of exp(H(combine weights)) from the routing the layer used, and
+    exp(H(load shares)) from the counted slots; between 1 and k (top-k), at most E (soft)."""
+    from moetune.stats import effective_experts, effective_load
+
+    moe = moetune.get_moe_model(fresh("llama"), make_cfg(router=router, top_k=2))
+    batch = inputs(tiny_batch("llama", batch=3, seq=9))
+    mask_T = batch["attention_mask"].reshape(-1).bool()
+    seen = {}
+    for name, layer in moe.moe_layers():
+        layer.router.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out))
+    with torch.no_grad():
+        moe(**batch)
+    for name, st in moe.routing_stats().items():
+        expected = effective_experts(seen[name].dense_weights())[mask_T].mean().item()
+        assert st["effective_experts"] == pytest.approx(expected, rel=1e-9), name
+        assert st["effective_load"] == pytest.approx(effective_load(torch.tensor(st["tokens_per_expert"])))
+        assert 1.0 <= st["effective_load"] <= 4.0 + 1e-9
+        if router == "topk":
+            assert 1.0 < st["effective_experts"] <= 2.0 + 1e-9
+        elif router == "soft":
+            assert 2.0 < st["effective_experts"] <= 4.0 + 1e-9
+        else:  # switch: one expert per token that fits, 0 for those that overflow
+            assert 0.0 < st["effective_experts"] <= 1.0 + 1e-9
+    moe.reset_routing_stats()
+    assert all(math.isnan(st["effective_experts"]) for st in moe.routing_stats().values())
+
+
 def test_routing_stats_report_dead_experts():
     """A selection bias of +10 on experts 0 and 1 sends every token there: experts 2 and 3 are dead."""
     moe = moetune.get_moe_model(fresh("llama"), make_cfg(bias_update_rate=0.01))

@@ -106,6 +106,7 @@ def test_inference_forward_computes_balance_losses_only_when_asked(monkeypatch) 
         assert len(calls) == 2 * layers
     torch.testing.assert_close(logits, expected[0].detach())
     assert aux.keys() == expected[1].keys()
+    # the no-grad forward takes the inference expert paths: equal within float32 rounding, not bitwise
     for name in aux:
-        torch.testing.assert_close(aux[name], expected[1][name].detach(), rtol=0, atol=0)
-    torch.testing.assert_close(weighted, expected[2].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(aux[name], expected[1][name].detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(weighted, expected[2].detach(), rtol=1e-6, atol=1e-8)

@@ -126,3 +126,56 @@ def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
             logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
         expected = sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(o_ids))
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_teacher_forced_exact_match_is_greedy_decoding(wrap: bool, monkeypatch) -> None:
+    """greedy_matches (one left-padded forward) says True exactly for the answers greedy decoding
+    produces: here each prompt's own greedy continuation of 1-4 tokens (no end marker, so that a random
+    model can match), and False once any token, or the end marker, differs."""
+    import moetune.evaluation as evaluation
+    from moetune.model import get_moe_model
+
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("llama")
+    if wrap:
+        model = get_moe_model(model, MoEConfig(num_experts=4, lora_dropout=0.0))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    prompts = [
+        "<|im_start|> user what is 2 + 2 ? <|im_end|> <|im_start|> assistant",
+        "<|im_start|> user hi <|im_end|> <|im_start|> assistant",
+        "<|im_start|> user Review: good film positive bad 7 8 9 <|im_end|> <|im_start|> assistant",
+    ]
+    greedy = []
+    for prompt, n in zip(prompts, (1, 3, 4), strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        greedy.append(out[0, ids.shape[1] :].tolist())
+    answers = [tokenizer.decode(g) for g in greedy]
+    assert [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers] == greedy
+
+    monkeypatch.setattr(evaluation, "end_of_turn", lambda _tok: "")  # answers without an end marker
+    assert evaluation.greedy_matches(model, tokenizer, prompts, answers) == [True, True, True]
+    vocab = [w for w in tokenizer.get_vocab() if not w.startswith("<")]
+    wrong = []
+    for g, pos in zip(greedy, (0, 1, 3), strict=True):  # one token changed, first, middle or last
+        ids = list(g)
+        ids[pos] = next(
+            tokenizer.convert_tokens_to_ids(w) for w in vocab if tokenizer.convert_tokens_to_ids(w) != g[pos]
+        )
+        wrong.append(tokenizer.decode(ids))
+    assert evaluation.greedy_matches(model, tokenizer, prompts, wrong) == [False, False, False]
+    monkeypatch.undo()
+    # with the chat template's end marker, the model must also predict the end after the answer
+    ends = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for prompt, g in zip(prompts, greedy, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=len(g) + 1, do_sample=False, pad_token_id=0)
+        expected.append(out[0, ids.shape[1] :].tolist() == [*g, ends])
+    assert evaluation.greedy_matches(model, tokenizer, prompts, answers) == expected
