@@ -160,3 +160,67 @@ def _balanced(
     picked = [p for row in rounds for p in row if p is not None][:n]
     rng.shuffle(picked)
     return picked
+
+
+# ---- the --quick mode: a tiny random Llama, a word-level tokenizer and two toy tasks ---------------
+TOY_TASKS = ("toy_sentiment", "toy_addition")
+_TOY_WORDS = ("Review:", "good", "bad", "film", "positive", "negative", "what", "is", "+", "?")
+
+
+def tiny_llama_and_tokenizer():
+    """A 2-layer random Llama (vocab 128) and a word-level tokenizer with a ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|im_start|>", "<|im_end|>", "[UNK]", "user", "assistant", *_TOY_WORDS]
+    words += [str(i) for i in range(100)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def toy_splits(n_train: int, n_val: int, n_test: int) -> Splits:
+    """Sentiment of two-word reviews (options) and additions of small numbers (exact match)."""
+    rng = random.Random("toy")
+    reviews = [
+        (f"Review: {a} {b} film", "positive" if a == "good" else "negative")
+        for a in ("good", "bad")
+        for b in map(str, range(40))
+    ]
+    sums = [(f"what is {a} + {b} ?", str(a + b)) for a in range(10) for b in range(10)]
+    splits = Splits({}, {}, {})
+    for task, pairs, options in (
+        ("toy_sentiment", reviews, ("positive", "negative")),
+        ("toy_addition", sums, ()),
+    ):
+        pairs = list(pairs)
+        rng.shuffle(pairs)
+        test, val, train = pairs[:n_test], pairs[n_test : n_test + n_val], pairs[n_test + n_val :][:n_train]
+        splits.train[task] = [_ask(task, q, a) for q, a in train]
+        splits.val[task] = [EvalItem(_ask(task, q, a), options) for q, a in val]
+        splits.test[task] = [EvalItem(_ask(task, q, a), options) for q, a in test]
+    return splits
