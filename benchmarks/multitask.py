@@ -146,6 +146,7 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
         "weight_decay": 0.0,
         "lr_grid": list(args.lrs),
         "exact_match": "teacher_forced",
+        "batches": "padding-free (padded for task routing)",
     }
 
 
@@ -239,7 +240,7 @@ def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -
 
     from moetune.evaluation import score_items
     from moetune.model import MoEModel, get_moe_model
-    from moetune.run import RunConfig, Tasks, fit, trainer_inputs, training_mixture
+    from moetune.run import DataConfig, RunConfig, Tasks, fit, trainer_inputs, training_mixture
     from moetune.stats import merge
 
     method = get_method(name)
@@ -247,12 +248,14 @@ def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -
     tasks = list(splits.train)
     cfg = RunConfig(
         model=proto["model"],
+        # padding-free batches: the same loss as padded ones without the padding's compute; task routing
+        # needs one task id per example, so its batches are padded
+        data=DataConfig(max_length=proto["max_length"], padding_free=not method.route_by_task),
         training=training_args(proto, lr),
         router_lr_multiplier=method.router_lr_multiplier,
         seed=seed,
         route_by_task=method.route_by_task,
     )
-    cfg.data.max_length = proto["max_length"]
     held_out = {t: splits.val[t] + splits.test[t] for t in tasks}
     mixture = training_mixture(cfg, Tasks(splits.train, held_out))  # every method: the same mixture
     torch.manual_seed(seed)

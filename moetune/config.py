@@ -74,6 +74,12 @@ class MoEConfig:
         "linear layers to turn into MoE layers. A list matches module names or dotted suffixes; a string "
         "is a full-match regular expression. null = the architecture's FFN projections.",
     )
+    asymmetric_experts: bool = _f(
+        False,
+        "Asymmetric experts (HydraLoRA, Tian et al. 2024): the experts of each adapted projection share one "
+        "LoRA A (the down-projection to rank r) and each has its own routed B; each task block added by "
+        "add_experts gets its own shared A.",
+    )
     attn_r: int = _f(0, "Rank of plain (non-expert) LoRA on the attention projections; 0 = none.")
     attn_target_modules: list[str] | str | None = _f(
         None, "Attention projections for attn_r LoRA (same matching rules); null = the architecture's."

@@ -604,6 +604,10 @@ def check_exportable(config: MoEConfig, where: str) -> None:
             f"num_experts={config.num_experts!r}: per-layer expert counts; MixLoRA has one num_experts",
         ),
         (
+            config.asymmetric_experts,
+            "asymmetric_experts=True: MixLoRA gives every expert its own LoRA A",
+        ),
+        (
             config.num_shared_experts > 0,
             f"num_shared_experts={config.num_shared_experts}: MixLoRA has no always-on shared experts",
         ),

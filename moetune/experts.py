@@ -1,6 +1,7 @@
 """LoRA experts as stacked tensors: A (E, r, d_in), B (E, d_out, r), one block per task.
 
-Expert e computes the delta  s * B_e A_e x  (s = lora_alpha / r, Hu et al. 2021). `add_block`
+Expert e computes the delta  s * B_e A_e x  (s = lora_alpha / r, Hu et al. 2021); asymmetric experts
+(HydraLoRA, Tian et al. 2024) share one A per block, A_e = A, and differ in their B_e. `add_block`
 appends experts for a new task as new tensors, so freezing the old ones is per tensor. `view` picks
 ranges of the stored experts (the experts a task may use) without copying a weight; the computations
 below (`ExpertMath`) run the same on a view as on the whole bank, so a task's experts computed from
@@ -142,11 +143,13 @@ class LoRAExperts(ExpertMath, nn.Module):
         r: int,
         scaling: float,
         *,
+        shared_A: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.d_in, self.d_out, self.r, self.scaling = d_in, d_out, r, scaling
+        self.shared_A = shared_A  # asymmetric experts (HydraLoRA): one A (1, r, d_in) per block
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.add_block(num_experts, dtype=dtype, device=device)
@@ -155,11 +158,13 @@ class LoRAExperts(ExpertMath, nn.Module):
         self, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> None:
         """Append n experts: A Kaiming-uniform (as nn.Linear and peft: bound 1/sqrt(d_in)), B = 0.
-        A is drawn on the CPU, as peft does, then moved: one seed gives one adapter on every device."""
+        A is drawn on the CPU, as peft does, then moved: one seed gives one adapter on every device.
+        With `shared_A` the block stores one A, which its n experts share."""
         if len(self.lora_A):
             dtype, device = dtype or self.lora_A[0].dtype, device or self.lora_A[0].device
         bound = 1.0 / math.sqrt(self.d_in)
-        A = torch.empty(n, self.r, self.d_in, dtype=dtype).uniform_(-bound, bound).to(device=device)
+        n_A = 1 if self.shared_A else n
+        A = torch.empty(n_A, self.r, self.d_in, dtype=dtype).uniform_(-bound, bound).to(device=device)
         self.lora_A.append(nn.Parameter(A))
         self.lora_B.append(nn.Parameter(torch.zeros(n, self.d_out, self.r, dtype=dtype, device=device)))
 
@@ -168,22 +173,27 @@ class LoRAExperts(ExpertMath, nn.Module):
         # to a string key, about 20 us a call, and the fast paths ask tens of times per layer and forward.
         # Item access (not .values()) keeps DeepSpeed ZeRO-3's gathering dict in the loop.
         params_A, params_B = self.lora_A._parameters, self.lora_B._parameters
+        if self.shared_A:  # every expert of a block reads the block's one A (a view, no copy)
+            return [(params_A[key].expand(params_B[key].shape[0], -1, -1), params_B[key]) for key in params_A]
         return [(params_A[key], params_B[key]) for key in params_A]
 
     def extra_repr(self) -> str:
-        sizes = [a.shape[0] for a in self.lora_A]
-        return f"experts={sizes}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}"
+        sizes = [B.shape[0] for B in self.lora_B]
+        shared = ", shared_A=True" if self.shared_A else ""
+        dims = f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}"
+        return f"experts={sizes}, {dims}{shared}"
 
     def view(self, pieces: list[tuple[int, int, int]]) -> ExpertMath:
         """The experts of the ranges (block, start, stop), numbered in that order (no copy of a weight;
         a single whole block, or all blocks whole and in order, is this module itself)."""
-        whole = [(b, 0, A.shape[0]) for b, A in enumerate(self.lora_A)]
+        blocks = self._pairs()
+        whole = [(b, 0, B.shape[0]) for b, (_, B) in enumerate(blocks)]
         if pieces == whole:
             return self
         pairs = []
         for b, start, stop in pieces:
-            A, B = self.lora_A[b], self.lora_B[b]
-            pairs.append((A, B) if (start, stop) == (0, A.shape[0]) else (A[start:stop], B[start:stop]))
+            A, B = blocks[b]
+            pairs.append((A, B) if (start, stop) == (0, B.shape[0]) else (A[start:stop], B[start:stop]))
         return ExpertView(pairs, self.d_in, self.d_out, self.r, self.scaling)
 
 

@@ -142,15 +142,6 @@ def _selected_experts(layer: MoEFFN, blocks: tuple[int, ...]) -> tuple[list[int]
     return index, rows
 
 
-def _bank_expert(bank: nn.Module, e: int) -> tuple[Tensor, Tensor]:
-    """(A (r, d_in), B (d_out, r)) of stored expert e of a `LoRAExperts` (blocks in order)."""
-    for A, B in zip(bank.lora_A, bank.lora_B, strict=True):
-        if e < A.shape[0]:
-            return A[e].detach(), B[e].detach()
-        e -= A.shape[0]
-    raise IndexError(f"expert {e} out of range")
-
-
 def expert_layer(
     layer: MoEFFN, base: dict[str, Tensor], path: str, blocks: tuple[int, ...], dtype
 ) -> ExpertLayer:
@@ -163,7 +154,10 @@ def expert_layer(
         if bank is None:  # untargeted: every expert has the base weight
             per_proj[proj] = W.to(dtype).unsqueeze(0).expand(len(index), -1, -1).clone()
             continue
-        merged = [merge_lora(W, *_bank_expert(bank, e), bank.scaling).to(dtype) for e in index]
+        merged = [
+            merge_lora(W, *(t.detach() for t in bank.expert_weights(e)), bank.scaling).to(dtype)
+            for e in index
+        ]
         per_proj[proj] = torch.stack(merged)
     return ExpertLayer(per_proj["gate_proj"], per_proj["up_proj"], per_proj["down_proj"], router_ED.to(dtype))
 

@@ -320,6 +320,7 @@ class MoEFFN(RoutedLayer):
                     *linear_dims(getattr(base_layer, p)),
                     cfg.r,
                     cfg.scaling,
+                    shared_A=cfg.asymmetric_experts,
                     dtype=_adapter_dtype(weight, cfg.adapter_dtype),
                     device=weight.device,
                 )
@@ -546,6 +547,7 @@ class MoELinear(RoutedLayer):
             d_out,
             cfg.r,
             cfg.scaling,
+            shared_A=cfg.asymmetric_experts,
             dtype=_adapter_dtype(base_layer.weight, cfg.adapter_dtype),
             device=base_layer.weight.device,
         )

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
 
 from moetune import stats
 from moetune.callbacks import SaveOnInterrupt, TrainingInterrupted
@@ -98,6 +98,16 @@ class DataConfig:
             "help": "Per task: answer options scored by log-likelihood; tasks without are exact match."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on each batch's examples concatenated into one row with position ids that restart "
+            "per example, instead of padding them to the longest (TRL's padding_free): the same loss without "
+            "the padding's compute. Needs an attention implementation that reads packed position ids (sdpa "
+            "and eager in transformers 5, flash-attention); not with route_by_task (task ids are per "
+            "example)."
+        },
+    )
 
     def __post_init__(self) -> None:
         size = self.train_size
@@ -111,6 +121,8 @@ class DataConfig:
             for k, v in self.options.items()
         )
         _require(options_ok, "options", self.options, "must map each task to a list of answer strings")
+        ok = isinstance(self.padding_free, bool)
+        _require(ok, "padding_free", self.padding_free, "must be true or false")
 
 
 @dataclass
@@ -172,6 +184,14 @@ class RunConfig:
         _require(_is_int(self.seed), "seed", self.seed, "must be an int")
         ok = isinstance(self.route_by_task, bool)
         _require(ok, "route_by_task", self.route_by_task, "must be true or false")
+        free = self.data.padding_free and self.routes_by_task
+        _require(
+            not free,
+            "data.padding_free",
+            True,
+            "cannot be combined with route_by_task or moe.task_routing: the task ids are one per example, "
+            "and padding-free batches are one row",
+        )
 
     @property
     def routes_by_task(self) -> bool:
@@ -405,12 +425,26 @@ def trainer_inputs(
             **cfg.training,
         }
     )
+    if cfg.data.padding_free:  # one row per batch; the first label of each example is already -100
+        collator = PaddingFreeCollator(return_position_ids=True, separator_id=-100)
+        encoded = [{k: v for k, v in row.items() if k != "attention_mask"} for row in encoded]
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     return {
         "args": args,
         "train_dataset": Dataset.from_list(encoded),
         "processing_class": tokenizer,
-        "data_collator": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        "data_collator": collator,
     }
+
+
+class PaddingFreeCollator(DataCollatorWithFlattening):
+    """transformers' flattening collator, with `use_cache=False` in every batch: a model builds its
+    attention mask from packed position ids only when it has no KV cache, and a causal LM makes one by
+    default (its config's use_cache), which would let the examples of a row attend to each other."""
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        return {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
 
 
 def fit(

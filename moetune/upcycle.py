@@ -278,11 +278,19 @@ def upcycle_lora(
             assert isinstance(wrapper, (MoEFFN, MoELinear))
             bank = wrapper.experts[proj] if kind == "ffn" else wrapper.experts
             E = wrapper.router.num_experts  # routed experts; the shared ones follow them in block 0
-            A_ErD = A_rD.float().expand(E, *A_rD.shape)
-            if noise > 0:
-                std = noise * A_rD.float().std().item()
-                A_ErD = A_ErD + std * torch.randn(A_ErD.shape, generator=generator)
-            bank.lora_A[0][:E].copy_(A_ErD)
+            if bank.shared_A:  # asymmetric experts: the one A is the LoRA's A
+                if noise > 0:
+                    raise ValueError(
+                        f"noise={noise}: with asymmetric_experts the experts share one A, so noise on A "
+                        "cannot tell them apart; use noise=0"
+                    )
+                bank.lora_A[0][0].copy_(A_rD)
+            else:
+                A_ErD = A_rD.float().expand(E, *A_rD.shape)
+                if noise > 0:
+                    std = noise * A_rD.float().std().item()
+                    A_ErD = A_ErD + std * torch.randn(A_ErD.shape, generator=generator)
+                bank.lora_A[0][:E].copy_(A_ErD)
             bank.lora_B[0][:E].copy_((B_Fr.float() * (s_p / bank.scaling)).expand(E, *B_Fr.shape))
         for key, tensor in adapter.saved.items():
             owner = next(s for s in todo.save if key.startswith(s + "."))
