@@ -84,6 +84,7 @@ METHODS: dict[str, Method] = {
     # moetune candidates
     "moe-default": Method("MixLoRA ffn E=8 top-2 r=8, aux + z loss (today's defaults)"),
     "moe-shared": Method("+ one shared expert", moe=dict(num_shared_experts=1)),
+    "moe-hydra": Method("HydraLoRA: asymmetric experts (one shared A)", moe=dict(asymmetric_experts=True)),
     "moe-loramoe": Method(
         "LoRAMoE: linear experts, soft routing, importance loss",
         moe=dict(expert_type="linear", router="soft", aux_loss_coef=0.0, importance_loss_coef=0.01),
