@@ -28,6 +28,7 @@ class FFNSpec:
     # (act, in-proj outputs, in_place) -> h; in_place: the outputs are fresh and read by nothing else,
     # so they may be overwritten (in the forward without autograd, in SiluGLU's backward with it)
     hidden: Callable[..., Tensor]
+    formula: str  # what the block must compute, for messages
     post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
 
     @property
@@ -114,11 +115,20 @@ def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool =
 
 FFN_SPECS = (
     # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, and most decoder LLMs: down(act(gate(x)) * up(x))
-    FFNSpec("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn", _gated),
+    FFNSpec("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn", _gated, "down(act(gate(x)) * up(x))"),
     # Phi-3: gate and up fused in one projection
-    FFNSpec("gated_fused", ("gate_up_proj",), "down_proj", "activation_fn", _gated_fused),
+    FFNSpec(
+        "gated_fused",
+        ("gate_up_proj",),
+        "down_proj",
+        "activation_fn",
+        _gated_fused,
+        "down(act(g) * u) with (g, u) = gate_up(x)",
+    ),
     # GPT-2: dropout(c_proj(act(c_fc(x)))) with Conv1D projections
-    FFNSpec("gpt2", ("c_fc",), "c_proj", "act", _plain, post_dropout="dropout"),
+    FFNSpec(
+        "gpt2", ("c_fc",), "c_proj", "act", _plain, "dropout(c_proj(act(c_fc(x))))", post_dropout="dropout"
+    ),
 )
 
 # Encoders whose FFN is split across modules: `linear` experts on both halves (a full-match regex).
@@ -175,6 +185,52 @@ def is_quantized(weight: Tensor) -> bool:
 
 def find_ffn_spec(module: nn.Module) -> FFNSpec | None:
     return next((spec for spec in FFN_SPECS if spec.matches(module)), None)
+
+
+def decomposition_error(module: nn.Module, spec: FFNSpec) -> str | None:
+    """Why `module`, which has the projections of `spec`, is not `spec.formula`; None when it is.
+
+    Recognition is structural, so a block can look like a known one and compute something else (BitNet
+    normalises the hidden state before its down projection; Starcoder2's block has GPT-2's projections
+    but no `dropout`). Both ways are run on a small random input, in eval mode and without autograd: the
+    block's own forward, and the decomposition moetune computes with no expert. They must agree within
+    the dtype's rounding. Blocks whose weights are not all here (meta device, ZeRO-3 or FSDP2 shards)
+    are not checked.
+    """
+    params = list(module.parameters())
+    if any(p.is_meta or sharding.is_zero3(p) or sharding.is_dtensor(p) for p in params):
+        return None
+    floats = [p for p in (*params, *module.buffers()) if p.is_floating_point()]
+    dtype = next((p.dtype for p in floats if not is_quantized(p)), torch.float32)
+    device = params[0].device if params else torch.device("cpu")
+    d_in = linear_dims(getattr(module, spec.in_projs[0]))[0]
+    x = torch.randn(1, 3, d_in, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            try:
+                y = getattr(module, spec.out_proj)(
+                    spec.hidden(
+                        getattr(module, spec.act_attr), [getattr(module, p)(x) for p in spec.in_projs]
+                    )
+                )
+                if spec.post_dropout:
+                    y = getattr(module, spec.post_dropout)(y)
+            except Exception as err:  # noqa: BLE001 - any failure means the decomposition does not apply
+                return f"the decomposition fails on it ({type(err).__name__}: {err})"
+            reference = module(x)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if not isinstance(reference, Tensor) or reference.shape != y.shape:
+        return f"its forward returns {type(reference).__name__}, not one tensor of shape {tuple(y.shape)}"
+    error = (y.double() - reference.double()).abs().max().item()
+    scale = reference.double().abs().max().item()
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    if not error <= tolerance * max(scale, 1e-6):  # also catches NaN
+        return f"its output differs from the decomposition's by {error:.3g} (max |output| {scale:.3g})"
+    return None
 
 
 def in_language_model(name: str) -> bool:

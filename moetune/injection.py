@@ -14,6 +14,7 @@ from torch import nn
 from moetune.architectures import (
     ATTENTION_SUFFIXES,
     SPLIT_FFN_TARGETS,
+    decomposition_error,
     find_ffn_spec,
     in_language_model,
     is_linear_like,
@@ -21,7 +22,7 @@ from moetune.architectures import (
     name_matches,
 )
 from moetune.config import MoEConfig
-from moetune.layers import LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
+from moetune.layers import ADAPTER_MODULES, LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
 
 
 @dataclass
@@ -45,13 +46,40 @@ def num_layers_of(model: nn.Module) -> int:
     return int(n)
 
 
-def plan(model: nn.Module, cfg: MoEConfig) -> InjectionPlan:
+def plan(model: nn.Module, cfg: MoEConfig, check_ffn: bool = True) -> InjectionPlan:
+    """What `inject` will wrap; raises, naming the problem, before anything changes. `check_ffn`: run
+    the feed-forward blocks taken for `ffn` layers both ways on a small input (their forward and
+    moetune's decomposition with no expert), one block per structure, refusing one that computes
+    something else."""
     modules = dict(model.named_modules())
+    adapted = next((n for n, m in modules.items() if isinstance(m, ADAPTER_MODULES)), None)
+    if adapted is not None:
+        raise ValueError(
+            f"module {adapted!r} is already a moetune {type(modules[adapted]).__name__}: this model already "
+            "carries moetune adapters (get_moe_model injects in place); call it on a fresh base model, or "
+            "use the MoEModel you have (add_experts adds experts for a new task)"
+        )
     linears = [n for n, m in modules.items() if is_linear_like(m)]
     result = InjectionPlan()
 
     if cfg.expert_type == "ffn":
         result.ffn = {n: s for n, m in modules.items() if in_language_model(n) and (s := find_ffn_spec(m))}
+        checked: dict[tuple, str | None] = {}
+        for name, spec in result.ffn.items() if check_ffn else ():
+            # one block per structure: blocks of one class with the same kinds of children compute the
+            # same function of their weights (SmolLM2-135M: 1 check instead of 30)
+            block = modules[name]
+            key = (type(block), spec, tuple((n, type(c)) for n, c in block.named_children()))
+            if key not in checked:
+                checked[key] = decomposition_error(block, spec)
+            problem = checked[key]
+            if problem is not None:
+                raise ValueError(
+                    f"{name} ({type(modules[name]).__name__}) has the projections of a {spec.family} "
+                    f"feed-forward block but does not compute {spec.formula}: {problem}. moetune's 'ffn' "
+                    "experts would change this model's outputs. Use expert_type='linear' (routed LoRA "
+                    "experts on its linear layers, the block itself untouched)."
+                )
         if not result.ffn:
             raise ValueError(
                 "expert_type='ffn' found no feed-forward block of a known shape (gate_proj/up_proj/"
@@ -121,9 +149,9 @@ def plan(model: nn.Module, cfg: MoEConfig) -> InjectionPlan:
     return result
 
 
-def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPlan:
-    """Freeze `model` and wrap what `cfg` targets, in place."""
-    todo = plan(model, cfg)  # raises before anything changes
+def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext, check_ffn: bool = True) -> InjectionPlan:
+    """Freeze `model` and wrap what `cfg` targets, in place (`check_ffn`: see `plan`)."""
+    todo = plan(model, cfg, check_ffn)  # raises before anything changes
     model.requires_grad_(False)
     for name in todo.attention:
         _replace(
@@ -147,9 +175,7 @@ def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext) -> InjectionPl
 
 def eject(model: nn.Module, trainable: dict[str, bool]) -> None:
     """Undo `inject`: put every wrapped module back and restore the requires_grad flags."""
-    wrapped = [
-        n for n, m in model.named_modules() if isinstance(m, (MoEFFN, MoELinear, LoRALinear, TrainableCopy))
-    ]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
     for name in reversed(wrapped):  # innermost first
         wrapper = model.get_submodule(name)
         _replace(model, name, lambda m: m.original if isinstance(m, TrainableCopy) else m.base_layer)

@@ -635,6 +635,10 @@ class TrainableCopy(nn.Module):
         return (self.trained if self.ctx.now().adapter_enabled else self.original)(*args, **kwargs)
 
 
+# every module moetune wraps a base module in (peft's BaseTunerLayer plays this part there)
+ADAPTER_MODULES = (RoutedLayer, LoRALinear, TrainableCopy)
+
+
 def _adapter_dtype(base_weight: Tensor, setting: str = "auto") -> torch.dtype:
     """The LoRA weights' dtype (`MoEConfig.adapter_dtype`). "auto": fp32 master weights over low-precision
     bases (as peft's autocast_adapter_dtype=True), the base's dtype over fp32/fp64 ones; else the named."""

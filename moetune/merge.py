@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from moetune.architectures import is_quantized
 from moetune.experts import ExpertMath
-from moetune.layers import Blocks, LoRALinear, MoEFFN, MoELinear, RoutedLayer, TrainableCopy
+from moetune.layers import ADAPTER_MODULES, Blocks, LoRALinear, MoEFFN, MoELinear, RoutedLayer, TrainableCopy
 
 if TYPE_CHECKING:
     from moetune.model import MoEModel
@@ -214,9 +214,7 @@ def merge_and_unload(model: MoEModel, task: str | Sequence[str] | None = None) -
     blocks: Blocks = model._ctx.tasks
     task_index: int | None = model._ctx.task
     base = model.base_model
-    wrappers = [
-        (n, m) for n, m in base.named_modules() if isinstance(m, (RoutedLayer, LoRALinear, TrainableCopy))
-    ]
+    wrappers = [(n, m) for n, m in base.named_modules() if isinstance(m, ADAPTER_MODULES)]
     with torch.no_grad():
         merges = [(n, m) for n, w in wrappers for m in _layer_merges(n, w, blocks, task_index)]  # may refuse
         for n, m in merges:

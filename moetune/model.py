@@ -17,9 +17,12 @@ from moetune import losses, stats
 from moetune.checkpointing import AuxTap, tap_gradient
 from moetune.config import MoEConfig
 from moetune.injection import inject
-from moetune.layers import LoRALinear, RoutedLayer, RouterRecord, RoutingContext, TrainableCopy
-
-ADAPTER_MODULES = (RoutedLayer, LoRALinear, TrainableCopy)
+from moetune.layers import (
+    ADAPTER_MODULES,
+    RoutedLayer,
+    RouterRecord,
+    RoutingContext,
+)
 
 
 class MoEModel(nn.Module):
@@ -43,7 +46,7 @@ class MoEModel(nn.Module):
     on the same shapes; tested bitwise in float32).
     """
 
-    def __init__(self, model: nn.Module, config: MoEConfig) -> None:
+    def __init__(self, model: nn.Module, config: MoEConfig, check_ffn: bool = True) -> None:
         super().__init__()
         self.base_model = model
         self.moe_config = config
@@ -56,7 +59,7 @@ class MoEModel(nn.Module):
         # False: out.loss is the task loss alone (MoETrainer adds the balance losses itself)
         self.balance_losses_in_output = True
         self._tap: AuxTap | None = None  # the last forward's, under reentrant activation checkpointing
-        inject(model, config, self._ctx)
+        inject(model, config, self._ctx, check_ffn)
         for block in config.added_experts:  # an expanded adapter: the same blocks, frozen as they were
             self._append_block(block["num_experts"], block["freeze_existing"])
 
@@ -479,9 +482,15 @@ class MoEModel(nn.Module):
             return getattr(self.base_model, name)
 
 
-def get_moe_model(model: nn.Module, config: MoEConfig | None = None) -> MoEModel:
-    """Inject LoRA experts into `model` in place, freeze its weights, and wrap it in a `MoEModel`."""
-    return MoEModel(model, config or MoEConfig())
+def get_moe_model(model: nn.Module, config: MoEConfig | None = None, *, check_ffn: bool = True) -> MoEModel:
+    """Inject LoRA experts into `model` in place, freeze its weights, and wrap it in a `MoEModel`.
+
+    `check_ffn`: every feed-forward block taken for an `ffn` layer is first run on a small random input
+    both ways (its own forward, and moetune's decomposition with no expert); one that computes
+    something else is refused with a ValueError naming it. Turn off only for a block known to be right
+    whose check cannot run (e.g. a forward with required extra inputs).
+    """
+    return MoEModel(model, config or MoEConfig(), check_ffn)
 
 
 def _mean_over_routers(per_router: dict[str, Tensor]) -> dict[str, Tensor]:
