@@ -23,6 +23,7 @@ import moetune
 from moetune.experts import LoRAExperts
 from moetune.layers import RouterRecord
 from moetune.serialization import WEIGHTS_NAME, adapter_state_dict
+from moetune.stats import PER_RANK_BUFFERS
 from moetune.training import MoETrainer
 from tests.test_model import fresh, inputs, make_cfg
 from tests.test_training import dataset
@@ -53,8 +54,8 @@ def router_tensors(moe: moetune.MoEModel) -> dict[str, torch.Tensor]:
 def assert_router_precision(moe: moetune.MoEModel) -> None:
     """Router weights, threshold net and expert bias fp32; running counts float64."""
     for name, t in router_tensors(moe).items():
-        counts = name.rsplit(".", 1)[-1] in ("step_counts", "load_counts", "entropy_sum", "token_count")
-        expected = torch.float64 if counts or name.endswith("task_counts") else torch.float32
+        counts = name.rsplit(".", 1)[-1] in PER_RANK_BUFFERS  # the running statistics
+        expected = torch.float64 if counts else torch.float32
         assert t.dtype == expected, (name, t.dtype)
 
 
