@@ -152,14 +152,39 @@ class MoEModel(nn.Module):
 
         return AuxTap(loss_of)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' activation checkpointing, non-reentrant unless asked otherwise. The reentrant
-        variant back-propagates a block only through its inputs: they are made to require grad (the
-        embeddings' output), and the balance losses reach the routers through `moetune.checkpointing`."""
-        kwargs = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **options: Any
+    ) -> None:
+        """transformers' activation checkpointing, non-reentrant unless asked otherwise (`options`, e.g.
+        `every_n_layers`, go to the base model). The reentrant variant back-propagates a block only
+        through its inputs: they are made to require grad (the embeddings' output), and the balance
+        losses reach the routers through `moetune.checkpointing`. transformers before 5.x names it
+        `gradient_checkpointing_enable`, which is called there."""
+        kwargs = {"use_reentrant": False} | (activation_checkpointing_kwargs or {})
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         if kwargs["use_reentrant"]:
-            self.base_model.enable_input_require_grads()
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
+    ) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers deprecates it for v6)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
+    def activation_checkpointing_disable(self) -> None:
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        """The older name of `activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
 
     def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
         """Each loss per router: name -> (R,) in the order of `records` (averaged over routers, SPEC §3)."""
@@ -197,7 +222,15 @@ class MoEModel(nn.Module):
             return
         i = int((~ok_R).nonzero()[0, 0])
         if not logits_ok_R[i]:
-            problem = f"non-finite router logits in {records[i].name}: the input to this layer holds NaN/inf"
+            router = dict(self.moe_layers())[records[i].name].router
+            bad = [n for n, p in router.named_parameters() if not bool(p.isfinite().all())]
+            cause = (
+                f"its router's {', '.join(bad)} hold NaN/inf"
+                if bad
+                else f"the router's weights are finite, so the input to this layer holds NaN/inf (or the "
+                f"logits overflow router_dtype={self.moe_config.router_dtype})"
+            )
+            problem = f"non-finite router logits in {records[i].name}: {cause}"
         else:
             bad = [name for name, ok in zip(per_router, losses_ok_LR[:, i].tolist(), strict=True) if not ok]
             problem = f"non-finite {', '.join(bad)} in {records[i].name} (its router logits are finite)"

@@ -32,8 +32,12 @@ def _step(checkpointing: bool, router: str, contrastive: float, reentrant: bool 
     )
     model = moetune.get_moe_model(base, cfg)
     randomize_(model)
-    if checkpointing:  # non-reentrant by default
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if checkpointing:  # non-reentrant by default; transformers 5's name and the older one
+        if reentrant:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.activation_checkpointing_enable()
+        assert model.base_model.is_activation_checkpointing
     model.train()
     torch.manual_seed(1)
     out = model(**tiny_batch("llama", batch=3, seq=9, padded=True))

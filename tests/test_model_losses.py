@@ -71,7 +71,19 @@ def test_nonfinite_router_input_names_the_layer() -> None:
     model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4))
     # NaN in layer 1's attention norm: layer 0's router sees finite input, layer 1's does not
     model.get_base_model().model.layers[1].input_layernorm.weight.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"layers\.1\.mlp"):
+    with pytest.raises(
+        FloatingPointError, match=r"layers\.1\.mlp: the router's weights are finite, so the input"
+    ):
+        model(**tiny_batch("llama"))
+
+
+def test_nonfinite_router_weight_is_named_not_the_input() -> None:
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4))
+    router = dict(model.moe_layers())["model.layers.1.mlp"].router
+    router.weight_blocks[0].data[2, 0] = float("nan")  # the input stays finite
+    with pytest.raises(
+        FloatingPointError, match=r"layers\.1\.mlp: its router's weight_blocks\.0 hold NaN/inf"
+    ):
         model(**tiny_batch("llama"))
 
 
