@@ -111,7 +111,12 @@ class MoEModel(nn.Module):
         cfg = self.moe_config
         ctx.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and ctx.adapter_enabled
         ctx.sample_tasks = sample_tasks
-        ctx.replay = dataclasses.replace(ctx, records=None, replay=None)  # for checkpointed recomputation
+        # for checkpointed recomputation: only a forward with autograd can be re-run by a backward, so a
+        # forward without (DPO's reference pass under disable_adapter, evaluation) between a forward and
+        # its backward leaves the state that backward replays alone
+        recordable = torch.is_grad_enabled()
+        if recordable:
+            ctx.replay = dataclasses.replace(ctx, records=None, replay=None)
         try:
             out = self.base_model(**inputs)
             records = ctx.records
@@ -121,7 +126,8 @@ class MoEModel(nn.Module):
         self._tap = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
             self._tap = self._tap_if_detached(records)
-            ctx.replay.aux_tap = self._tap
+            if recordable:
+                ctx.replay.aux_tap = self._tap
             self.nonfinite = None
             if torch.is_grad_enabled() or labels is not None:
                 per_router = self._balance_losses(records)

@@ -98,3 +98,28 @@ def test_reentrant_balance_losses_follow_the_callers_scaling() -> None:
             torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
     scaled, task_only = grads[True]
     assert any(not torch.allclose(scaled[n] * 4, task_only[n]) for n in scaled)  # the balance term counts
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_forward_without_autograd_between_forward_and_backward_changes_nothing(reentrant: bool) -> None:
+    """DPO's pattern: the policy forward, the reference forward (no autograd, adapter off), then the
+    policy's backward. The recomputation replays the policy forward: the same gradients as without the
+    reference forward in between."""
+    grads = []
+    for reference_pass in (False, True):
+        torch.manual_seed(0)
+        model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=4, lora_dropout=0.1))
+        randomize_(model)
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        batch = tiny_batch("llama", batch=3, seq=9, padded=True)
+        torch.manual_seed(1)
+        out = model(**batch)
+        if reference_pass:
+            with torch.no_grad(), model.disable_adapter():
+                model(**tiny_batch("llama", batch=2, seq=5, seed=7))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_B" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -113,14 +113,13 @@ def moe_llama(perturb: bool = False) -> moetune.MoEModel:
 
 
 def dpo_trainer(tmp_path, model: moetune.MoEModel, **overrides) -> MoEDPOTrainer:
-    settings = dict(max_steps=2, learning_rate=1e-2) | overrides
+    settings = dict(max_steps=2, learning_rate=1e-2, gradient_checkpointing=False) | overrides
     args = trl.DPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         report_to=[],
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
         logging_steps=1,
         disable_tqdm=True,
         **settings,
@@ -203,3 +202,20 @@ def test_dpo_step_trains_the_adapter_keeps_the_base_and_adds_balance_losses(tmp_
 def test_dpo_refuses_to_sync_a_reference_that_is_the_base(tmp_path) -> None:
     with pytest.raises(ValueError, match="sync_ref_model"):
         dpo_trainer(tmp_path, moe_llama(), sync_ref_model=True)
+
+
+def test_dpo_with_trls_default_activation_checkpointing(tmp_path) -> None:
+    """TRL's DPOConfig turns activation checkpointing on by default: the reference pass (adapter off,
+    no autograd) runs between the policy's forward and its backward, and training logs the losses of a
+    run without checkpointing."""
+    assert trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).gradient_checkpointing  # the default
+    logs = {}
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        t = dpo_trainer(
+            tmp_path / str(checkpointing), moe_llama(perturb=True), gradient_checkpointing=checkpointing
+        )
+        t.train()
+        logs[checkpointing] = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(logs[True]) == 2
+    assert logs[True] == pytest.approx(logs[False], rel=1e-4)
