@@ -208,7 +208,8 @@ def test_dpo_with_trls_default_activation_checkpointing(tmp_path) -> None:
     """TRL's DPOConfig turns activation checkpointing on by default: the reference pass (adapter off,
     no autograd) runs between the policy's forward and its backward, and training logs the losses of a
     run without checkpointing."""
-    assert trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).gradient_checkpointing  # the default
+    defaults = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert defaults.gradient_checkpointing
     logs = {}
     for checkpointing in (True, False):
         torch.manual_seed(0)
