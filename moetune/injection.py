@@ -98,7 +98,9 @@ def plan(model: nn.Module, cfg: MoEConfig, check_ffn: bool = True) -> InjectionP
         expert_owned = {f"{mlp}.{p}" for mlp, spec in result.ffn.items() for p in spec.projections}
     else:
         targets = (
-            cfg.target_modules if cfg.target_modules is not None else _default_linear_targets(model, modules)
+            cfg.target_modules
+            if cfg.target_modules is not None
+            else _default_linear_targets(model, modules, cfg)
         )
         scope = in_language_model if cfg.target_modules is None else (lambda _n: True)
         result.linear = [n for n in linears if scope(n) and name_matches(n, targets)]
@@ -194,16 +196,41 @@ def _replace(model: nn.Module, name: str, wrap) -> None:
     setattr(parent, child, wrap(getattr(parent, child)))
 
 
-def _default_linear_targets(model: nn.Module, modules: dict[str, nn.Module]) -> list[str] | str:
+def _default_linear_targets(
+    model: nn.Module, modules: dict[str, nn.Module], cfg: MoEConfig
+) -> list[str] | str:
+    """The FFN projections of known shapes; in a family without one, every linear layer of the decoder
+    blocks (peft's "all-linear": not the output head), less the attention projections when attn_r
+    puts plain LoRA there."""
     model_type = getattr(model.config, "model_type", "")
     if model_type in SPLIT_FFN_TARGETS:
         return SPLIT_FFN_TARGETS[model_type]
-    return [
+    ffn = [
         f"{n}.{p}"
         for n, m in modules.items()
         if in_language_model(n) and (s := find_ffn_spec(m))
         for p in s.projections
     ]
+    if ffn:
+        return ffn
+    attention = cfg.attn_target_modules if cfg.attn_target_modules is not None else list(ATTENTION_SUFFIXES)
+    return [
+        n
+        for n, m in modules.items()
+        if is_linear_like(m)
+        and in_language_model(n)
+        and _in_a_block(n)
+        and not (cfg.attn_r > 0 and name_matches(n, attention))
+    ]
+
+
+def _in_a_block(name: str) -> bool:
+    """Inside a numbered layer (`model.layers.3.mlp.fc1`), not the embeddings or the output head."""
+    try:
+        layer_index(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _short_names(names: list[str]) -> list[str]:

@@ -93,3 +93,44 @@ def test_injecting_twice_is_refused_before_anything_changes() -> None:
         with pytest.raises(ValueError, match=r"already a moetune MoEFFN.*fresh base model"):
             moetune.get_moe_model(target, moetune.MoEConfig(num_experts=2))
     torch.testing.assert_close(logits(moe, batch["input_ids"]), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "config_name,overrides,linears",
+    [
+        ("PhiConfig", {}, {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
+        (
+            "GPTJConfig",
+            dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+            {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
+        ),
+    ],
+)
+def test_linear_experts_default_to_every_linear_of_the_blocks(config_name, overrides, linears) -> None:
+    """A family without a known FFN shape: `linear` experts on every linear layer of the decoder blocks
+    (peft's all-linear), never the output head; with attn_r the attention projections get plain LoRA."""
+    fields = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    config = getattr(transformers, config_name)(**(fields | overrides), bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    moe = moetune.get_moe_model(model, moetune.MoEConfig(expert_type="linear", num_experts=4))
+    adapted = [name for name, _ in moe.moe_layers()]
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == linears
+    assert len(adapted) == 2 * len(linears) and not any("lm_head" in n for n in adapted)
+    torch.testing.assert_close(logits(moe, ids), before, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    with_attn = moetune.get_moe_model(
+        AutoModelForCausalLM.from_config(config),
+        moetune.MoEConfig(expert_type="linear", num_experts=4, attn_r=2),
+    )
+    routed = {n.rsplit(".", 1)[-1] for n, _ in with_attn.moe_layers()}
+    assert routed == linears - {"q_proj", "k_proj", "v_proj"}
+    lora = {
+        n.rsplit(".", 1)[-1] for n, m in with_attn.named_modules() if isinstance(m, moetune.layers.LoRALinear)
+    }
+    assert {"q_proj", "k_proj", "v_proj"} <= lora
