@@ -30,15 +30,22 @@ class FFNSpec:
     hidden: Callable[..., Tensor]
     formula: str  # what the block must compute, for messages
     post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
+    mid_norm: str | None = None  # a norm on the hidden state before out_proj (BitNet's ffn_sub_norm)
 
     @property
     def projections(self) -> tuple[str, ...]:
         return (*self.in_projs, self.out_proj)
 
     def matches(self, module: nn.Module) -> bool:
-        return all(is_linear_like(getattr(module, p, None)) for p in self.projections) and hasattr(
-            module, self.act_attr
-        )
+        named = [self.act_attr, *([self.mid_norm] if self.mid_norm else [])]
+        projections = all(is_linear_like(getattr(module, p, None)) for p in self.projections)
+        return projections and all(hasattr(module, a) for a in named)
+
+    def hidden_state(self, module: nn.Module, outs: list[Tensor], in_place: bool = False) -> Tensor:
+        """The hidden state out_proj reads, from the in-projections' outputs: the activation (gated or
+        not), then the mid norm if the block has one."""
+        h = self.hidden(getattr(module, self.act_attr), outs, in_place)
+        return getattr(module, self.mid_norm)(h) if self.mid_norm else h
 
 
 def _is_silu(act: Callable[[Tensor], Tensor]) -> bool:
@@ -114,6 +121,16 @@ def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool =
 
 
 FFN_SPECS = (
+    # BitNet: down(sub_norm(act(gate(x)) * up(x))), before the plain gated shape it also has
+    FFNSpec(
+        "gated_subnorm",
+        ("gate_proj", "up_proj"),
+        "down_proj",
+        "act_fn",
+        _gated,
+        "down(ffn_sub_norm(act(gate(x)) * up(x)))",
+        mid_norm="ffn_sub_norm",
+    ),
     # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, and most decoder LLMs: down(act(gate(x)) * up(x))
     FFNSpec("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn", _gated, "down(act(gate(x)) * up(x))"),
     # Phi-3: gate and up fused in one projection
@@ -128,6 +145,25 @@ FFN_SPECS = (
     # GPT-2: dropout(c_proj(act(c_fc(x)))) with Conv1D projections
     FFNSpec(
         "gpt2", ("c_fc",), "c_proj", "act", _plain, "dropout(c_proj(act(c_fc(x))))", post_dropout="dropout"
+    ),
+    # non-gated blocks, after the gated ones (a gated block has up_proj/down_proj too):
+    # Nemotron, Arcee, Apertus
+    FFNSpec("up_down", ("up_proj",), "down_proj", "act_fn", _plain, "down(act(up(x)))"),
+    # Phi-1/2
+    FFNSpec("fc", ("fc1",), "fc2", "activation_fn", _plain, "fc2(act(fc1(x)))"),
+    # GPT-J, CodeGen
+    FFNSpec(
+        "fc_in_out",
+        ("fc_in",),
+        "fc_out",
+        "act",
+        _plain,
+        "dropout(fc_out(act(fc_in(x))))",
+        post_dropout="dropout",
+    ),
+    # GPT-NeoX / Pythia, Persimmon
+    FFNSpec(
+        "neox", ("dense_h_to_4h",), "dense_4h_to_h", "act", _plain, "dense_4h_to_h(act(dense_h_to_4h(x)))"
     ),
 )
 
@@ -210,16 +246,16 @@ def decomposition_error(module: nn.Module, spec: FFNSpec) -> str | None:
     try:
         with torch.no_grad():
             try:
-                y = getattr(module, spec.out_proj)(
-                    spec.hidden(
-                        getattr(module, spec.act_attr), [getattr(module, p)(x) for p in spec.in_projs]
-                    )
-                )
+                outs = [getattr(module, p)(x) for p in spec.in_projs]
+                y = getattr(module, spec.out_proj)(spec.hidden_state(module, outs))
                 if spec.post_dropout:
                     y = getattr(module, spec.post_dropout)(y)
             except Exception as err:  # noqa: BLE001 - any failure means the decomposition does not apply
                 return f"the decomposition fails on it ({type(err).__name__}: {err})"
-            reference = module(x)
+            try:
+                reference = module(x)
+            except Exception as err:  # noqa: BLE001 - e.g. a forward that also takes the residual (MPT)
+                return f"its forward does not take the hidden states alone ({type(err).__name__}: {err})"
     finally:
         for m, training in modes.items():
             m.train(training)

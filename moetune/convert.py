@@ -513,6 +513,11 @@ def ffn_activation(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """The activation of the model's first feed-forward block moetune recognises."""
     for _, module in model.named_modules():
         spec = find_ffn_spec(module)
+        if spec is not None and spec.family not in ("gated", "gated_fused"):
+            raise ConversionError(
+                f"{type(model).__name__}: its feed-forward blocks compute {spec.formula}; MixLoRA's experts "
+                "compute down(act(gate(x)) * up(x))"
+            )
         if spec is not None:
             return getattr(module, spec.act_attr)
     raise ConversionError(

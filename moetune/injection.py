@@ -13,11 +13,13 @@ from torch import nn
 
 from moetune.architectures import (
     ATTENTION_SUFFIXES,
+    FFN_SPECS,
     SPLIT_FFN_TARGETS,
     decomposition_error,
     find_ffn_spec,
     in_language_model,
     is_linear_like,
+    is_quantized,
     layer_index,
     name_matches,
 )
@@ -81,10 +83,18 @@ def plan(model: nn.Module, cfg: MoEConfig, check_ffn: bool = True) -> InjectionP
                     "experts on its linear layers, the block itself untouched)."
                 )
         if not result.ffn:
+            shapes = ", ".join("/".join(spec.projections) for spec in FFN_SPECS)
+            routed = _routed_experts(model)
+            base = (
+                f"this is a mixture-of-experts base ({routed}): its feed-forward blocks are routed experts, "
+                "and moetune's 'ffn' experts attach to dense feed-forward blocks and shared experts only; "
+                if routed
+                else ""
+            )
             raise ValueError(
-                "expert_type='ffn' found no feed-forward block of a known shape (gate_proj/up_proj/"
-                "down_proj, gate_up_proj/down_proj, or GPT-2's c_fc/c_proj) in this model; use "
-                "expert_type='linear' with target_modules naming its FFN linears. Linear layers here: "
+                f"expert_type='ffn' found no feed-forward block of a known shape ({shapes}) in this model; "
+                f"{base}use expert_type='linear' (routed LoRA experts on linear layers: by default every "
+                "linear layer of the decoder blocks) and/or attn_r. Linear layers here: "
                 f"{_short_names(linears)}"
             )
         allowed = sorted({p for s in result.ffn.values() for p in s.projections})
@@ -220,8 +230,26 @@ def _default_linear_targets(
         if is_linear_like(m)
         and in_language_model(n)
         and _in_a_block(n)
+        and _computes_a_linear(m)
         and not (cfg.attn_r > 0 and name_matches(n, attention))
     ]
+
+
+def _computes_a_linear(module: nn.Module) -> bool:
+    """nn.Linear's own forward, or a quantized linear's; not a subclass that computes something else
+    (the MoE routers of Llama 4 and PhiMoE subclass nn.Linear and return a tuple)."""
+    own = type(module).forward is nn.Linear.forward or type(module).__name__ == "Conv1D"
+    return own or is_quantized(module.weight)
+
+
+def _routed_experts(model: nn.Module) -> str:
+    """'<field>=<n>' when the model's config declares routed experts (an MoE base), else ''."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 1:
+            return f"{key}={n}"
+    return ""
 
 
 def _in_a_block(name: str) -> bool:

@@ -404,7 +404,7 @@ class MoEFFN(RoutedLayer):
         # the weights sum to 1 for every token (it would be rounding error times h0)
         mixed_TF = None
         if not (self.router.weights_sum_to_one and not self.num_shared):
-            h0_TF = self.spec.hidden(self._act(), base_outs)
+            h0_TF = self.spec.hidden_state(self.base_layer, base_outs)
             mixed_TF = h0_TF * (1 - w_TK.sum(1, keepdim=True).to(h0_TF.dtype))
         out_deltas = []
         for piece in self._slot_pieces(slots, idx_TK.shape[1]):
@@ -443,7 +443,7 @@ class MoEFFN(RoutedLayer):
         # fresh slot tensors are read once: without autograd they are combined in place, with it
         # SiluGLU's backward writes its gradients over them (a broadcast base output is not fresh)
         fresh = isinstance(slots, SortedSlots) or len(in_banks) == len(self.spec.in_projs)
-        return self.spec.hidden(self._act(), slot_outs, in_place=fresh)
+        return self.spec.hidden_state(self.base_layer, slot_outs, in_place=fresh)
 
     def slot_path(
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None
@@ -507,7 +507,7 @@ class MoEFFN(RoutedLayer):
             if e is not None and p in banks:
                 out = out + banks[p].expert(e, xd_ND).to(out.dtype)
             outs.append(out)
-        h = self.spec.hidden(self._act(), outs)
+        h = self.spec.hidden_state(self.base_layer, outs)
         y = self._proj(self.spec.out_proj)(h)
         if e is not None and self.spec.out_proj in banks:
             y = y + banks[self.spec.out_proj].expert(e, self.lora_dropout(h)).to(y.dtype)
@@ -532,7 +532,22 @@ class MoEFFN(RoutedLayer):
         return torch.stack(deltas, 1)
 
 
-class MoELinear(RoutedLayer):
+class WrapsLinear:
+    """A wrapper of a linear layer shows the frozen layer's `weight` and `bias`, as peft's LoRA layers
+    do: model code reads them (a dtype, tied weights) from what it believes is the linear layer."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+
+class MoELinear(WrapsLinear, RoutedLayer):
     """A linear layer with E routed LoRA-delta experts: y = W x + sum_i g_i s B_i A_i x."""
 
     def __init__(
@@ -562,6 +577,12 @@ class MoELinear(RoutedLayer):
         y = self.base_layer(x, *args, **kwargs)
         if not self.ctx.now().adapter_enabled:
             return y
+        if not isinstance(y, Tensor):  # e.g. an MoE router subclassing nn.Linear (Llama 4, PhiMoE)
+            kind = type(self.base_layer).__name__
+            raise ValueError(
+                f"{self.layer_name} ({kind}) returns {type(y).__name__}, not a tensor: it is not a linear "
+                "layer experts can be added to; leave it out of target_modules"
+            )
         lead = x.shape[:-1]
         delta = self._per_task_group(x.reshape(-1, x.shape[-1]), lead, self._delta)
         return self._with_recomputed_losses(y + delta.view(*lead, -1).to(y.dtype))
@@ -587,7 +608,7 @@ class MoELinear(RoutedLayer):
         return torch.stack([banks.expert(e, x_SD) for e in range(num_routed)], 1)  # (S, E, d_out)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrapsLinear, nn.Module):
     """Plain LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + s B A dropout(x)."""
 
     def __init__(
