@@ -97,20 +97,26 @@ def test_adapter_reproduces_after_accuracy(finished_run) -> None:
         assert evaluate(model, tokenizer, items)["accuracy"] == metrics["after"][task], task
 
 
-@pytest.mark.parametrize("wrap", [False, True])
-def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
-    """option_logprobs (prompt once + repeated KV cache) equals scoring each prompt+option row in full."""
-    from moetune.evaluation import option_logprobs, option_logprobs_batch
+def scoring_model(wrap: bool) -> torch.nn.Module:
+    """A tiny llama in eval mode; `wrap`: under moetune experts with random nonzero weights."""
     from moetune.model import get_moe_model
 
-    tokenizer = tiny_chat_tokenizer()
     model = tiny_model("llama")
     if wrap:
         model = get_moe_model(model, MoEConfig(num_experts=4, lora_dropout=0.0))
         for p in model.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, std=0.2)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_cached_option_scores_equal_full_sequences(wrap: bool) -> None:
+    """option_logprobs (prompt once + repeated KV cache) equals scoring each prompt+option row in full."""
+    from moetune.evaluation import option_logprobs, option_logprobs_batch
+
+    tokenizer = tiny_chat_tokenizer()
+    model = scoring_model(wrap)
     prompt = "<|im_start|> user what is 2 + 2 ? <|im_end|> <|im_start|> assistant"
     options = ["4 <|im_end|>", "positive negative 5 <|im_end|>", "hi"]
     short = "<|im_start|> user hi <|im_end|> <|im_start|> assistant"
@@ -134,16 +140,9 @@ def test_teacher_forced_exact_match_is_greedy_decoding(wrap: bool, monkeypatch) 
     produces: here each prompt's own greedy continuation of 1-4 tokens (no end marker, so that a random
     model can match), and False once any token, or the end marker, differs."""
     import moetune.evaluation as evaluation
-    from moetune.model import get_moe_model
 
     tokenizer = tiny_chat_tokenizer()
-    model = tiny_model("llama")
-    if wrap:
-        model = get_moe_model(model, MoEConfig(num_experts=4, lora_dropout=0.0))
-        for p in model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.2)
-    model.eval()
+    model = scoring_model(wrap)
     prompts = [
         "<|im_start|> user what is 2 + 2 ? <|im_end|> <|im_start|> assistant",
         "<|im_start|> user hi <|im_end|> <|im_start|> assistant",
