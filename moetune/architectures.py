@@ -24,12 +24,14 @@ class FFNSpec:
     family: str
     in_projs: tuple[str, ...]  # applied to x; their outputs feed `hidden`
     out_proj: str
-    act_attr: str
+    act_attr: str | None  # the activation module's name; None: SiLU written inline in the forward (LFM2)
     # (act, in-proj outputs, in_place) -> h; in_place: the outputs are fresh and read by nothing else,
     # so they may be overwritten (in the forward without autograd, in SiluGLU's backward with it)
     hidden: Callable[..., Tensor]
     formula: str  # what the block must compute, for messages
-    post_dropout: str | None = None  # a dropout applied to the FFN output (GPT-2)
+    # a dropout on the FFN output: a module's name (GPT-2), or a float attribute's, the probability
+    # the forward passes to functional dropout (Starcoder2)
+    post_dropout: str | None = None
     mid_norm: str | None = None  # a norm on the hidden state before out_proj (BitNet's ffn_sub_norm)
 
     @property
@@ -37,15 +39,30 @@ class FFNSpec:
         return (*self.in_projs, self.out_proj)
 
     def matches(self, module: nn.Module) -> bool:
-        named = [self.act_attr, *([self.mid_norm] if self.mid_norm else [])]
+        named = [a for a in (self.act_attr, self.mid_norm, self.post_dropout) if a]
         projections = all(is_linear_like(getattr(module, p, None)) for p in self.projections)
         return projections and all(hasattr(module, a) for a in named)
+
+    def activation(self, module: nn.Module) -> Callable[[Tensor], Tensor]:
+        return _SILU if self.act_attr is None else getattr(module, self.act_attr)
 
     def hidden_state(self, module: nn.Module, outs: list[Tensor], in_place: bool = False) -> Tensor:
         """The hidden state out_proj reads, from the in-projections' outputs: the activation (gated or
         not), then the mid norm if the block has one."""
-        h = self.hidden(getattr(module, self.act_attr), outs, in_place)
+        h = self.hidden(self.activation(module), outs, in_place)
         return getattr(module, self.mid_norm)(h) if self.mid_norm else h
+
+    def output(self, module: nn.Module, y: Tensor) -> Tensor:
+        """The block's output from out_proj's: its post dropout, if it has one."""
+        if not self.post_dropout:
+            return y
+        dropout = getattr(module, self.post_dropout)
+        if isinstance(dropout, float | int):
+            return nn.functional.dropout(y, p=float(dropout), training=module.training)
+        return dropout(y)
+
+
+_SILU = nn.SiLU()
 
 
 def _is_silu(act: Callable[[Tensor], Tensor]) -> bool:
@@ -145,6 +162,18 @@ FFN_SPECS = (
     # GPT-2: dropout(c_proj(act(c_fc(x)))) with Conv1D projections
     FFNSpec(
         "gpt2", ("c_fc",), "c_proj", "act", _plain, "dropout(c_proj(act(c_fc(x))))", post_dropout="dropout"
+    ),
+    # LFM2: w2(silu(w1(x)) * w3(x)), the SiLU written in the forward
+    FFNSpec("lfm2", ("w1", "w3"), "w2", None, _gated, "w2(silu(w1(x)) * w3(x))"),
+    # Starcoder2: GPT-2's projections, a functional dropout of probability `residual_dropout`
+    FFNSpec(
+        "starcoder2",
+        ("c_fc",),
+        "c_proj",
+        "act",
+        _plain,
+        "dropout(c_proj(act(c_fc(x))), p=residual_dropout)",
+        post_dropout="residual_dropout",
     ),
     # non-gated blocks, after the gated ones (a gated block has up_proj/down_proj too):
     # Nemotron, Arcee, Apertus
@@ -247,9 +276,7 @@ def decomposition_error(module: nn.Module, spec: FFNSpec) -> str | None:
         with torch.no_grad():
             try:
                 outs = [getattr(module, p)(x) for p in spec.in_projs]
-                y = getattr(module, spec.out_proj)(spec.hidden_state(module, outs))
-                if spec.post_dropout:
-                    y = getattr(module, spec.post_dropout)(y)
+                y = spec.output(module, getattr(module, spec.out_proj)(spec.hidden_state(module, outs)))
             except Exception as err:  # noqa: BLE001 - any failure means the decomposition does not apply
                 return f"the decomposition fails on it ({type(err).__name__}: {err})"
             try:

@@ -519,7 +519,7 @@ def ffn_activation(model: nn.Module) -> Callable[[Tensor], Tensor]:
                 "compute down(act(gate(x)) * up(x))"
             )
         if spec is not None:
-            return getattr(module, spec.act_attr)
+            return spec.activation(module)
     raise ConversionError(
         f"{type(model).__name__}: no feed-forward block of a known shape (gate_proj/up_proj/down_proj or "
         "gate_up_proj/down_proj), so no activation to give MixLoRA"

@@ -331,11 +331,8 @@ class MoEFFN(RoutedLayer):
     def _proj(self, name: str) -> nn.Module:
         return getattr(self.base_layer, name)
 
-    def _act(self):
-        return getattr(self.base_layer, self.spec.act_attr)
-
     def _post(self, y: Tensor) -> Tensor:
-        return getattr(self.base_layer, self.spec.post_dropout)(y) if self.spec.post_dropout else y
+        return self.spec.output(self.base_layer, y)
 
     def expert_banks(self) -> list[LoRAExperts]:
         return list(self.experts.values())

@@ -164,11 +164,13 @@ here (its config keeps large sizes under other names, or transformers fails on t
 listed with the reason.
 
 `ffn` experts (MixLoRA) need a feed-forward block computing one of `down(act(gate(x)) * up(x))`,
-`down(act(g) * u)` with `(g, u) = gate_up(x)`, GPT-2's `dropout(c_proj(act(c_fc(x))))`, or the
-non-gated `down(act(up(x)))`, `fc2(act(fc1(x)))`, `dropout(fc_out(act(fc_in(x))))`,
-`dense_4h_to_h(act(dense_h_to_4h(x)))`. Each block is checked at injection: it is run both ways on a
-small input (its own forward and moetune's decomposition), and a block that computes something else
-(BitNet's sub-norm, a decoder layer holding `fc1`/`fc2` beside its attention) is refused. On
+`down(act(g) * u)` with `(g, u) = gate_up(x)`, BitNet's `down(ffn_sub_norm(act(gate(x)) * up(x)))`,
+LFM2's `w2(silu(w1(x)) * w3(x))`, GPT-2's `dropout(c_proj(act(c_fc(x))))` (Starcoder2's with a
+functional dropout), or the non-gated `down(act(up(x)))`, `fc2(act(fc1(x)))`,
+`dropout(fc_out(act(fc_in(x))))`, `dense_4h_to_h(act(dense_h_to_4h(x)))`. Each block is checked at
+injection: it is run both ways on a small input (its own forward and moetune's decomposition), and a
+block that computes something else (Dory's block, which has BitNet's names; a decoder layer holding
+`fc1`/`fc2` beside its attention, as OPT's) is refused. On
 mixture-of-experts bases `ffn` experts attach to the shared experts where the family has them
 (Qwen2-MoE, ERNIE-4.5-MoE, GLM-4-MoE...); the routed experts are refused, and `linear` experts and
 `attn_r` work on the attention and other linear layers. Without `target_modules`, `linear` experts take

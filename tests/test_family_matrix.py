@@ -18,8 +18,9 @@ except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
 FFN_WORKS = {
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "gptj", "phi",
     "nemotron", "olmo2", "cohere", "granite", "stablelm", "qwen2_moe", "codegen", "persimmon", "bitnet",
+    "lfm2", "starcoder2",
 }  # fmt: skip
-FFN_REFUSED = {"dory", "starcoder2", "opt", "mixtral", "qwen3_moe", "olmoe"}  # lookalikes and MoE bases
+FFN_REFUSED = {"dory", "opt", "mixtral", "qwen3_moe", "olmoe"}  # lookalikes and MoE bases
 
 
 @pytest.mark.parametrize("model_type", causal_lm_families())

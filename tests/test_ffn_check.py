@@ -38,22 +38,25 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize(
-    "config_name,cls,why",
+    "family,module,why",
     [
-        ("DoryConfig", "DoryMLP", "differs from the decomposition's"),  # scaled gate and up, an L2 sub-norm
-        ("Starcoder2Config", "Starcoder2MLP", "no attribute 'dropout'"),
+        ("dory", r"model\.layers\.0\.mlp \(DoryMLP\)", "differs from the decomposition's"),  # scaled, L2 norm
+        ("opt", r"model\.decoder\.layers\.0 \(OPTDecoderLayer\)", "differs from the decomposition.s"),
     ],
 )
-def test_lookalike_blocks_are_refused_and_linear_experts_work(config_name: str, cls: str, why: str) -> None:
-    model = tiny(config_name)
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    before = logits(model, ids)
-    with pytest.raises(ValueError, match=rf"model\.layers\.0\.mlp \({cls}\).*{why}.*expert_type='linear'"):
+def test_lookalike_blocks_are_refused_and_linear_experts_work(family: str, module: str, why: str) -> None:
+    """Dory's MLP has BitNet's names and computes something else; OPT's decoder layer holds fc1/fc2 (and
+    its attention): both refused before anything changes, and `linear` experts work on them."""
+    from tests.family_matrix import ids, tiny_model
+
+    model = tiny_model(family)
+    before = logits(model, ids())
+    with pytest.raises(ValueError, match=rf"{module}.*{why}.*expert_type='linear'"):
         moetune.get_moe_model(model, moetune.MoEConfig(num_experts=4))
     assert not any(isinstance(m, moetune.layers.ADAPTER_MODULES) for m in model.modules())  # untouched
-    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, ids()), before, rtol=0, atol=0)
     moe = moetune.get_moe_model(model, moetune.MoEConfig(expert_type="linear", num_experts=4))
-    torch.testing.assert_close(logits(moe, ids), before, rtol=1e-5, atol=1e-6)  # B = 0: the base model
+    torch.testing.assert_close(logits(moe, ids()), before, rtol=1e-5, atol=1e-6)  # B = 0: the base model
 
 
 def test_the_check_is_what_refuses() -> None:
@@ -139,3 +142,32 @@ def test_bitnet_sub_norm_is_computed() -> None:
     moe64 = moetune.get_moe_model(model64, cfg)
     randomize_(moe64)
     assert_paths_agree(moe64, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+
+@pytest.mark.parametrize("family", ["lfm2", "starcoder2"])
+def test_inline_silu_and_functional_dropout_blocks(family: str) -> None:
+    """LFM2's block writes its SiLU in the forward (no activation module); Starcoder2's ends in a
+    functional dropout of probability `residual_dropout`: both are `ffn` blocks, their fast path equals
+    the reference in float64, and in training the dropout is the block's own."""
+    from tests.family_matrix import ids, tiny_model
+    from tests.test_equivalence import assert_paths_agree, randomize_
+
+    model = tiny_model(family).double()
+    cfg = moetune.MoEConfig(num_experts=4, r=3, lora_dropout=0.0, router_dtype="float64")
+    moe = moetune.get_moe_model(model, cfg)
+    assert {layer.spec.family for _, layer in moe.moe_layers()} == {family}
+    randomize_(moe)
+    for _, layer in moe.moe_layers():  # no dropout: the two paths see the same outputs
+        if layer.spec.post_dropout:
+            setattr(layer.base_layer, layer.spec.post_dropout, 0.0)
+    batch = ids()
+    assert_paths_agree(moe, {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch})
+    if family == "starcoder2":
+        layer = next(layer for _, layer in moe.moe_layers())
+        layer.base_layer.residual_dropout = 0.5
+        y = torch.ones(1000, dtype=torch.float64)
+        layer.train()
+        dropped = layer._post(y)
+        assert 0.35 < (dropped == 0).double().mean() < 0.65 and set(dropped.unique().tolist()) <= {0.0, 2.0}
+        layer.eval()
+        assert torch.equal(layer._post(y), y)
