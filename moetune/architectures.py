@@ -260,11 +260,12 @@ def decomposition_error(module: nn.Module, spec: FFNSpec) -> str | None:
     but no `dropout`). Both ways are run on a small random input, in eval mode and without autograd: the
     block's own forward, and the decomposition moetune computes with no expert. They must agree within
     the dtype's rounding. Blocks whose weights are not all here (meta device, ZeRO-3 or FSDP2 shards)
-    are not checked.
+    are not checked, nor blocks with quantized weights: running a bitsandbytes layer may change its
+    quantization state (its fresh model then no longer gives the base's outputs).
     """
     params = list(module.parameters())
-    if any(p.is_meta or sharding.is_zero3(p) or sharding.is_dtensor(p) for p in params):
-        return None
+    if any(p.is_meta or sharding.is_zero3(p) or sharding.is_dtensor(p) or is_quantized(p) for p in params):
+        return None  # not here to run, or (a quantized layer) its state may change when it runs
     floats = [p for p in (*params, *module.buffers()) if p.is_floating_point()]
     dtype = next((p.dtype for p in floats if not is_quantized(p)), torch.float32)
     device = params[0].device if params else torch.device("cpu")
