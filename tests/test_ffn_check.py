@@ -5,31 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
 
 import moetune
 
 try:
+    from tests.family_matrix import ids as family_ids
+    from tests.family_matrix import tiny_model as family_model
     from tests.tiny_models import tiny_batch, tiny_model
 except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
+    from family_matrix import ids as family_ids
+    from family_matrix import tiny_model as family_model
     from tiny_models import tiny_batch, tiny_model
-
-
-def tiny(config_name: str):
-    config = getattr(transformers, config_name)(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def logits(model, ids):
@@ -62,11 +48,11 @@ def test_lookalike_blocks_are_refused_and_linear_experts_work(family: str, modul
 def test_the_check_is_what_refuses() -> None:
     """With check_ffn=False Dory's block is taken for BitNet's: the fresh model's logits move, the
     wrong model the check prevents."""
-    model = tiny("DoryConfig")
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = family_model("dory")
+    ids = family_ids()
     before = logits(model, ids)
     moe = moetune.get_moe_model(model, moetune.MoEConfig(num_experts=4), check_ffn=False)
-    assert (logits(moe, ids) - before).abs().max() > 1e-2 * before.abs().max()  # fresh: should be 1e-7
+    assert (logits(moe, ids) - before).abs().max() > 1e-3 * before.abs().max()  # a right fresh model: ~1e-7
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma", "qwen2"])
@@ -129,13 +115,13 @@ def test_bitnet_sub_norm_is_computed() -> None:
     per-expert reference (float64, outputs and gradients)."""
     from tests.test_equivalence import assert_paths_agree, randomize_
 
-    model = tiny("BitNetConfig")
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = family_model("bitnet")
+    ids = family_ids()
     before = logits(model, ids)
     moe = moetune.get_moe_model(model, moetune.MoEConfig(num_experts=4)).eval()
     assert [layer.spec.family for _, layer in moe.moe_layers()] == ["gated_subnorm"] * 2
     torch.testing.assert_close(logits(moe, ids), before, rtol=1e-5, atol=1e-6)
-    model64 = tiny("BitNetConfig").double()
+    model64 = family_model("bitnet").double()
     cfg = moetune.MoEConfig(
         num_experts=4, r=3, lora_dropout=0.0, router_dtype="float64", num_shared_experts=1
     )
