@@ -130,6 +130,36 @@ def test_bitnet_sub_norm_is_computed() -> None:
     assert_paths_agree(moe64, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
 
 
+@pytest.mark.parametrize(
+    "family,shape",
+    [
+        ("nemotron", "up_down"),
+        ("phi", "fc"),
+        ("gptj", "fc_in_out"),
+        ("gpt_neox", "neox"),
+        ("persimmon", "neox"),
+    ],
+)
+def test_non_gated_blocks_fast_path_equals_reference(family: str, shape: str) -> None:
+    """The non-gated `ffn` shapes: with random experts and a shared one, the fast path equals the
+    per-expert reference in float64 (outputs and gradients)."""
+    from tests.test_equivalence import assert_paths_agree, randomize_
+
+    cfg = moetune.MoEConfig(
+        num_experts=4,
+        r=3,
+        lora_dropout=0.0,
+        router_dtype="float64",
+        num_shared_experts=1,
+        importance_loss_coef=0.1,
+    )
+    moe = moetune.get_moe_model(family_model(family).double(), cfg)
+    assert {layer.spec.family for _, layer in moe.moe_layers()} == {shape}
+    randomize_(moe, tie=True)
+    batch = family_ids()
+    assert_paths_agree(moe, {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch})
+
+
 @pytest.mark.parametrize("family", ["lfm2", "starcoder2"])
 def test_inline_silu_and_functional_dropout_blocks(family: str) -> None:
     """LFM2's block writes its SiLU in the forward (no activation module); Starcoder2's ends in a
