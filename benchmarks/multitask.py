@@ -1,7 +1,7 @@
 """Multi-task benchmark: moetune's MoE-LoRA configurations against tuned peft LoRA, rsLoRA and DoRA.
 
 Eleven tasks (benchmarks/multitask_data.py) on SmolLM2-135M-Instruct, the same data order, steps,
-batch size and max length for every method. The protocol:
+batch size and max length for every method, trained and scored under bf16 autocast. The protocol:
   grid     every method trains at each learning rate of the grid (seed 0) and is scored on the
            validation split; a best rate at the grid's edge extends the grid by one more factor of 2
            that way (twice at most). The chosen rate is the best mean validation accuracy over tasks.
@@ -89,6 +89,9 @@ METHODS: dict[str, Method] = {
         "LoRAMoE: linear experts, soft routing, importance loss",
         moe=dict(expert_type="linear", router="soft", aux_loss_coef=0.0, importance_loss_coef=0.01),
     ),
+    "moe-linear": Method(
+        "linear experts: each projection routed, E=8 top-2 r=8", moe=dict(expert_type="linear")
+    ),
     "moe-mola": Method("MoLA: 2/4/6/8 experts by quarter of depth", moe=dict(num_experts="mola")),
     "moe-task": Method(
         "token+task routing", moe=dict(task_routing="token+task", extra_tasks="tasks"), route_by_task=True
@@ -148,6 +151,8 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
         "lr_grid": list(args.lrs),
         "exact_match": "teacher_forced",
         "batches": "padding-free (padded for task routing)",
+        "logits": "label positions only (padding-free batches)",
+        "precision": "bf16 autocast, fp32 weights (training and scoring)",
     }
 
 
@@ -166,6 +171,7 @@ def training_args(proto: dict[str, Any], lr: float) -> dict[str, Any]:
         logging_steps=10,
         dataloader_drop_last=False,
         disable_tqdm=True,
+        bf16=True,
     )
     if proto["max_steps"]:
         training["max_steps"] = proto["max_steps"]
@@ -291,7 +297,7 @@ def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -
             routed = model.use_tasks([task]) if method.route_by_task else contextlib.nullcontext()
             if isinstance(model, MoEModel) and split == "test":
                 model.reset_routing_stats()
-            with routed:
+            with routed, torch.autocast(model.device.type, dtype=torch.bfloat16):
                 correct = score_items(
                     model,
                     tokenizer,

@@ -183,17 +183,18 @@ def test_teacher_forced_exact_match_is_greedy_decoding(wrap: bool, monkeypatch) 
 def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> None:
     """data.padding_free: the Trainer's batch is one row of the examples back to back (position ids
     restarting per example, no attention mask); loss, balance losses and gradients equal those of the
-    padded batch of the same examples."""
+    padded batch of the same examples, with the output head at every position or (label_logits_only)
+    only at the positions that predict a label."""
     from moetune.model import get_moe_model
     from moetune.run import ConfigError, trainer_inputs, training_mixture
 
     tokenizer = tiny_chat_tokenizer()
     tasks = toy_tasks(n_train=4, n_test=2)
     results = {}
-    for padding_free in (False, True):
+    for padding_free, label_logits_only in ((False, False), (True, False), (True, True)):
         cfg = RunConfig(
             moe=MoEConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0, importance_loss_coef=0.1),
-            data=DataConfig(max_length=32, padding_free=padding_free),
+            data=DataConfig(max_length=32, padding_free=padding_free, label_logits_only=label_logits_only),
             training=dict(per_device_train_batch_size=8),
         )
         inputs = trainer_inputs(tokenizer, cfg, training_mixture(cfg, tasks), str(tmp_path))
@@ -205,6 +206,14 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> No
             assert len(starts) == 8 and (batch["labels"][0, starts] == -100).all()
         else:
             assert batch["input_ids"].shape[0] == 8 and (batch["attention_mask"] == 0).any()  # padded
+        if label_logits_only:  # position p predicts token p + 1: kept exactly where that one is a label
+            keep = batch["logits_to_keep"]
+            labels = batch["labels"][0]
+            assert keep.tolist() == [p for p in range(len(labels) - 1) if labels[p + 1] != -100]
+            assert batch["shift_labels"][0].tolist() == labels[keep + 1].tolist()
+            assert 0 < len(keep) < len(labels) // 2  # the prompts are most of the row
+        else:
+            assert "logits_to_keep" not in batch and "shift_labels" not in batch
         torch.manual_seed(0)
         model = get_moe_model(tiny_model("llama"), cfg.moe)
         for p in model.parameters():  # nonzero experts: the comparison is not of the base alone
@@ -212,15 +221,19 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> No
                 torch.nn.init.normal_(p, std=0.2)
         model.train()
         out = model(**batch)
+        positions = len(batch["logits_to_keep"]) if label_logits_only else batch["input_ids"].shape[1]
+        assert out.logits.shape[1] == positions
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[padding_free] = (out.loss.detach(), model.aux_losses(), grads)
-    (loss0, aux0, grads0), (loss1, aux1, grads1) = results[False], results[True]
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    for name in aux0:
-        torch.testing.assert_close(aux1[name].detach(), aux0[name].detach(), rtol=1e-5, atol=1e-6)
-    assert grads0.keys() == grads1.keys() and any("lora_B" in n for n in grads0)
-    for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+        results[padding_free, label_logits_only] = (out.loss.detach(), model.aux_losses(), grads)
+    loss0, aux0, grads0 = results[False, False]
+    for key in ((True, False), (True, True)):
+        loss1, aux1, grads1 = results[key]
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+        for name in aux0:
+            torch.testing.assert_close(aux1[name].detach(), aux0[name].detach(), rtol=1e-5, atol=1e-6)
+        assert grads0.keys() == grads1.keys() and any("lora_B" in n for n in grads0)
+        for name in grads0:
+            torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
     with pytest.raises(ConfigError, match="padding_free.*route_by_task"):
         RunConfig(data=DataConfig(padding_free=True), route_by_task=True)
