@@ -5,8 +5,9 @@ batch size and max length for every method, trained and scored under bf16 autoca
   grid     every method trains at each learning rate of the grid (seed 0) and is scored on the
            validation split; a best rate at the grid's edge extends the grid by one more factor of 2
            that way (twice at most). The chosen rate is the best mean validation accuracy over tasks.
-  seeds    the baselines and the three best moetune candidates (by validation) train again at their
-           chosen rate with seeds 1 and 2 (a seed sets the adapter's initialisation and the data order).
+  seeds    every method's test split at its chosen rate; the baselines and the three best moetune
+           candidates (by validation) train again at their chosen rate with seeds 1 and 2 (a seed sets
+           the adapter's initialisation and the data order).
   scaling  accuracy against trainable parameters: LoRA over ranks 8-256 at the rate chosen for LoRA
            r=16, moetune over E = 4-64 experts (top-2, r=8) at the rate chosen for its default.
   report   per method: chosen rate, mean validation and test accuracy (per seed and over seeds),
@@ -14,9 +15,10 @@ batch size and max length for every method, trained and scored under bf16 autoca
            for every moetune configuration a paired bootstrap 95% interval of its test-accuracy
            difference to the best baseline (the baseline with the best validation mean), resampling
            test items within each task and seeds, paired.
-Every run writes its own JSON (per-item correctness on both splits) under --runs-dir, so the sweep
-resumes where it stopped and can grow over several sittings; the test split is stored but read only
-by the report. Runs of another protocol (other data sizes, steps, grid...) are ignored.
+Every run writes its own JSON (per-item correctness) under --runs-dir, so the sweep resumes where it
+stopped and can grow over several sittings. A run trains, saves its adapter under --adapters-dir and
+scores the validation split; the test split is scored from that adapter only for the runs the report
+reads. Runs of another protocol (other data sizes, steps, grid...) are ignored.
 
     python benchmarks/multitask.py                       # grid, seeds, scaling, then the report
     python benchmarks/multitask.py --phase grid --methods lora-r16,moe-default --max-runs 4
@@ -241,14 +243,15 @@ def matched_rank(model_config: Any) -> int:
     return max(1, round(moe.get_nb_trainable_parameters()[0] / per_rank))
 
 
-def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -> dict[str, Any]:
-    """Train one method at one learning rate and seed; score every validation and test item."""
+def run_one(
+    name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str | None = None, log=print
+) -> dict[str, Any]:
+    """Train one method at one learning rate and seed, save its adapter to `adapter_dir` (when given)
+    and score every validation item; the test items are scored from the saved adapter (`score_test`)."""
     from transformers import Trainer
 
-    from moetune.evaluation import score_items
-    from moetune.model import MoEModel, get_moe_model
+    from moetune.model import get_moe_model
     from moetune.run import DataConfig, RunConfig, Tasks, fit, trainer_inputs, training_mixture
-    from moetune.stats import merge
 
     method = get_method(name)
     model, tokenizer, splits = load_model_and_splits(proto)
@@ -289,26 +292,55 @@ def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -
     result["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
     result["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result["router_lr_multiplier"] = method.router_lr_multiplier
+    if adapter_dir is not None:
+        model.save_pretrained(adapter_dir)
     start = time.time()
-    routing = []
-    for split in ("val", "test"):
-        result[split] = {}
-        for task in tasks:
-            routed = model.use_tasks([task]) if method.route_by_task else contextlib.nullcontext()
-            if isinstance(model, MoEModel) and split == "test":
-                model.reset_routing_stats()
-            with routed, torch.autocast(model.device.type, dtype=torch.bfloat16):
-                correct = score_items(
-                    model,
-                    tokenizer,
-                    getattr(splits, split)[task],
-                    batch_size=16,
-                    exact_match="teacher_forced",
-                )
-            if isinstance(model, MoEModel) and split == "test":
-                routing.append(model.routing_stats())
-            result[split][task] = "".join("1" if c else "0" for c in correct)
+    result |= score(model, tokenizer, splits, method, "val")
     result["eval_seconds"] = round(time.time() - start, 1)
+    log(
+        f"{name} lr={lr:g} seed={seed}: val {mean_accuracy(result['val']):.3f} "
+        f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s validation scoring)"
+    )
+    return result
+
+
+def score_test(name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str) -> dict[str, Any]:
+    """The test split scored with the adapter `run_one` saved (the weights it trained, bit for bit)."""
+    from moetune.model import MoEModel
+
+    method = get_method(name)
+    model, tokenizer, splits = load_model_and_splits(proto)
+    if method.baseline:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        model = MoEModel.from_pretrained(model, adapter_dir, strict=True)
+    start = time.time()
+    result = score(model, tokenizer, splits, method, "test")
+    result["test_eval_seconds"] = round(time.time() - start, 1)
+    print(f"{name} lr={lr:g} seed={seed}: test {mean_accuracy(result['test']):.3f}", flush=True)
+    return result
+
+
+def score(model, tokenizer, splits, method: Method, split: str) -> dict[str, Any]:
+    """Per task, each item's correctness as a string of 0/1 (`{split: {task: "0110..."}}`), and for a
+    MoE model its routing health over the split's items (`routing`, `routing_split`)."""
+    from moetune.evaluation import score_items
+    from moetune.model import MoEModel
+    from moetune.stats import merge
+
+    result: dict[str, Any] = {split: {}}
+    routing = []
+    for task, items in getattr(splits, split).items():
+        routed = model.use_tasks([task]) if method.route_by_task else contextlib.nullcontext()
+        if isinstance(model, MoEModel):
+            model.reset_routing_stats()
+        with routed, torch.autocast(model.device.type, dtype=torch.bfloat16):
+            correct = score_items(model, tokenizer, items, batch_size=16, exact_match="teacher_forced")
+        if isinstance(model, MoEModel):
+            routing.append(model.routing_stats())
+        result[split][task] = "".join("1" if c else "0" for c in correct)
     if routing:
         layers = merge(routing)
         n = len(layers)
@@ -317,10 +349,7 @@ def run_one(name: str, lr: float, seed: int, proto: dict[str, Any], log=print) -
             for key in ("effective_experts", "effective_load", "load_cv")
         }
         result["routing"]["dead_experts"] = sum(len(s["dead_experts"]) for s in layers.values())
-    log(
-        f"{name} lr={lr:g} seed={seed}: val {mean_accuracy(result['val']):.3f} "
-        f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation)"
-    )
+        result["routing_split"] = split
     return result
 
 
@@ -352,47 +381,78 @@ def load_runs(runs_dir: str, proto_id: str) -> dict[tuple[str, float, int], dict
     return runs
 
 
+def adapter_path(args: argparse.Namespace, name: str, lr: float, seed: int) -> str:
+    return os.path.join(args.adapters_dir, name, f"lr{lr:g}-seed{seed}")
+
+
 def ensure_run(
-    name: str, lr: float, seed: int, args: argparse.Namespace, state: dict[str, Any]
+    name: str, lr: float, seed: int, args: argparse.Namespace, state: dict[str, Any], test: bool = False
 ) -> dict | None:
-    """The run's result, from its file or trained now (None once --max-runs new runs were made)."""
+    """The run's result, from its file or trained now; with `test`, its test split scored too (from
+    the adapter the training saved). None once --max-runs new trainings or scorings were made."""
     name = SAME_RUN.get(name, name)
     key = (name, float(lr), seed)
-    if key in state["runs"]:
-        return state["runs"][key]
+    path = run_path(args.runs_dir, name, lr, seed)
+    adapter = adapter_path(args, name, lr, seed)
+    run = state["runs"].get(key)
+    if run is None:
+        if _out_of_budget(args, state):
+            return None
+        print(f"\n=== {name} lr={lr:g} seed={seed} ===", flush=True)
+        start = time.time()
+        if args.in_process:
+            run = run_one(name, lr, seed, state["protocol"], adapter)
+        else:
+            run = run_worker(name, lr, seed, args, "train")
+        run |= {
+            "protocol_id": state["protocol_id"],
+            "protocol": state["protocol"],
+            "commit": git_commit(),
+            "wall_seconds": round(time.time() - start, 1),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        _save_run(path, key, run, state)
+    if test and run.get("test") is None:
+        if not os.path.isdir(adapter):
+            raise SystemExit(
+                f"{path}: its test split is not scored and its adapter {adapter} is missing; "
+                "delete the run's file to train it again"
+            )
+        if _out_of_budget(args, state):
+            return None
+        print(f"\n=== {name} lr={lr:g} seed={seed}: test split ===", flush=True)
+        if args.in_process:
+            run |= score_test(name, lr, seed, state["protocol"], adapter)
+        else:
+            run |= run_worker(name, lr, seed, args, "test")
+        run["test_commit"] = git_commit()
+        _save_run(path, key, run, state)
+    return run
+
+
+def _out_of_budget(args: argparse.Namespace, state: dict[str, Any]) -> bool:
     if args.max_runs is not None and state["new"] >= args.max_runs:
         state["stopped"] = True
-        return None
-    print(f"\n=== {name} lr={lr:g} seed={seed} ===", flush=True)
-    start = time.time()
-    if args.in_process:
-        result = run_one(name, lr, seed, state["protocol"])
-    else:
-        result = run_worker(name, lr, seed, args)
-    result |= {
-        "protocol_id": state["protocol_id"],
-        "protocol": state["protocol"],
-        "commit": git_commit(),
-        "wall_seconds": round(time.time() - start, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    path = run_path(args.runs_dir, name, lr, seed)
+    return state["stopped"]
+
+
+def _save_run(path: str, key: tuple[str, float, int], run: dict[str, Any], state: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text(path, json.dumps(result, indent=1))
-    state["runs"][key] = result
+    write_text(path, json.dumps(run, indent=1))
+    state["runs"][key] = run
     state["new"] += 1
-    return result
 
 
-def run_worker(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """`run_one` in a fresh process (fresh model, RNG and memory)."""
+def run_worker(name: str, lr: float, seed: int, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """`run_one` (mode "train") or `score_test` ("test") in a fresh process (fresh model, RNG, memory)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         command = [sys.executable, os.path.abspath(__file__), *args.argv, "--worker", name]
-        command += ["--worker-lr", repr(lr), "--worker-seed", str(seed), "--result-file", result_file]
+        command += ["--worker-lr", repr(lr), "--worker-seed", str(seed), "--worker-mode", mode]
+        command += ["--result-file", result_file]
         subprocess.run(command, check=True)
         with open(result_file, encoding="utf-8") as fh:
             return json.load(fh)
@@ -454,14 +514,16 @@ def sweep(args: argparse.Namespace, state: dict[str, Any]) -> None:
             choose_lr(name, args, state)
     rates = chosen_rates(args, state)
     if args.phase in ("seeds", "all"):
+        for name in rates:  # the test split of every method at its chosen rate
+            ensure_run(name, rates[name], 0, args, state, test=True)
         for name in seed_candidates(args, rates, state):
             for seed in args.seeds[1:]:
-                ensure_run(name, rates[name], seed, args, state)
+                ensure_run(name, rates[name], seed, args, state, test=True)
     if args.phase in ("scaling", "all"):
         for name in scaling_names(args):
             anchor = "lora-r16" if name.startswith("scale-lora") else "moe-default"
             if anchor in rates:
-                ensure_run(name, rates[anchor], 0, args, state)
+                ensure_run(name, rates[anchor], 0, args, state, test=True)
 
 
 def scaling_names(args: argparse.Namespace) -> list[str]:
@@ -516,15 +578,19 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
     runs = state["runs"]
     rates = chosen_rates(args, state)
     table: dict[str, Any] = {}
+    pending: dict[str, Any] = {}
     for name, lr in rates.items():
-        seeds = [s for s in args.seeds if (name, lr, s) in runs]
-        rs = [runs[(name, lr, s)] for s in seeds]
-        tasks = list(rs[0]["test"])
         grid = {
             f"{rate:g}": mean_accuracy(r["val"])
             for (m, rate, s), r in sorted(runs.items())
             if m == name and s == 0
         }
+        seeds = [s for s in args.seeds if runs.get((name, lr, s), {}).get("test") is not None]
+        if not seeds:  # the grid is done, the test split not scored yet
+            pending[name] = {"label": get_method(name).label, "lr": lr, "val_by_lr": grid}
+            continue
+        rs = [runs[(name, lr, s)] for s in seeds]
+        tasks = list(rs[0]["test"])
         table[name] = {
             "label": get_method(name).label,
             "baseline": get_method(name).baseline,
@@ -561,20 +627,29 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
     for name in scaling_names(args):
         anchor = "lora-r16" if name.startswith("scale-lora") else "moe-default"
         run = runs.get((SAME_RUN.get(name, name), rates.get(anchor, -1.0), 0))
-        if run is not None:
+        if run is not None and run.get("test") is not None:
             scaling[name] = {
                 "trainable_parameters": run["trainable_parameters"],
                 "test_mean": mean_accuracy(run["test"]),
                 "val_mean": mean_accuracy(run["val"]),
                 "step_seconds": run["step_seconds"],
             }
-    return {"best_baseline": best, "methods": table, "scaling": scaling}
+    return {"best_baseline": best, "methods": table, "pending": pending, "scaling": scaling}
 
 
 def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> str:
-    table = summary["methods"]
-    if not table:
+    table, pending = summary["methods"], summary.get("pending", {})
+    if not table and not pending:
         return "No method has finished its learning-rate grid yet.\n"
+    pending_lines = [
+        f"- {name}: {row['label']}; chosen {row['lr']:g}; validation mean by rate: "
+        + ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in row["val_by_lr"].items())
+        for name, row in pending.items()
+    ]
+    if pending_lines:
+        pending_lines = ["", "Grid done, test split not scored yet:", "", *pending_lines]
+    if not table:
+        return "\n".join(pending_lines[1:]) + "\n"
     tasks = list(next(iter(table.values()))["test_by_task"])
     best = summary["best_baseline"]
     lines = [
@@ -629,6 +704,7 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
                 f"| {name} | {s['trainable_parameters'] / 1e6:.2f} M | {100 * s['test_mean']:.1f} | "
                 f"{100 * s['val_mean']:.1f} | {s['step_seconds']:.2f} |"
             )
+    lines += pending_lines
     lines += [
         "",
         "eff. experts: effective experts per token / of the load on the test items (exp of an entropy, "
@@ -712,7 +788,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--results-dir", default=os.path.join(HERE, "results", "multitask"), help="tables and JSON"
     )
     parser.add_argument("--runs-dir", default=None, help="one JSON per run (default: RESULTS_DIR/runs)")
-    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument(
+        "--adapters-dir",
+        default=None,
+        help="each run's trained adapter, for scoring its test split later (default: RESULTS_DIR/adapters)",
+    )
+    parser.add_argument(
+        "--max-runs", type=int, default=None, help="stop after this many new trainings or test scorings"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny model, 2 toy tasks, 2 steps, in one process"
     )
@@ -729,6 +812,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", choices=("train", "test"), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
@@ -749,6 +833,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_steps, args.warmup_steps, args.max_length = 2, 0, 64
         args.scaling_ranks, args.scaling_experts = (4, 8), (2, 4)
     args.runs_dir = args.runs_dir or os.path.join(args.results_dir, "runs")
+    args.adapters_dir = args.adapters_dir or os.path.join(args.results_dir, "adapters")
     return args
 
 
@@ -756,7 +841,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     proto = protocol(args)
     if args.worker:
-        result = run_one(args.worker, args.worker_lr, args.worker_seed, proto)
+        adapter = adapter_path(args, args.worker, args.worker_lr, args.worker_seed)
+        if args.worker_mode == "train":
+            result = run_one(args.worker, args.worker_lr, args.worker_seed, proto, adapter)
+        else:
+            result = score_test(args.worker, args.worker_lr, args.worker_seed, proto, adapter)
         with open(args.result_file, "w", encoding="utf-8") as fh:
             json.dump(result, fh, default=str)
         return 0

@@ -49,8 +49,15 @@ def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
             "trainable_parameters",
             "step_seconds",
         } <= set(run)
-        assert list(run["val"]) == tasks and list(run["test"]) == tasks
-        assert all(set(s) <= {"0", "1"} and len(s) == 8 for s in run["test"].values())
+        assert list(run["val"]) == tasks
+        chosen = summary["methods"].get(run["method"], {}).get("lr") == run["lr"]
+        if chosen or run["method"].startswith("scale-"):  # the test split: read only where reported
+            assert list(run["test"]) == tasks
+            assert all(set(s) <= {"0", "1"} and len(s) == 8 for s in run["test"].values())
+        else:
+            assert "test" not in run
+        adapter = f"lr{run['lr']:g}-seed{run['seed']}"
+        assert os.path.isdir(os.path.join(out, "adapters", run["method"], adapter))
         assert ("lora" in run) != ("moe" in run)
         assert run["steps"] == 2
     for name in methods:
@@ -74,6 +81,29 @@ def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
     assert os.path.getsize(os.path.join(out, "scaling.png")) > 1000
     runs_on_disk = [f for _, _, files in os.walk(os.path.join(out, "runs")) for f in files]
     assert len(runs_on_disk) == len(data["runs"])
+
+
+def test_the_saved_adapter_scores_as_the_trained_model_did(quick_results) -> None:
+    """The test split is scored from the adapter each run saves: reloaded, it must give the trained
+    model's validation results item for item (baseline and moetune)."""
+    out, data, _ = quick_results
+    args = multitask.parse_args(["--quick", "--results-dir", out])
+    proto = multitask.protocol(args)
+    for run in data["runs"]:
+        if run["seed"] != 0 or run["method"] not in ("lora-r16", "moe-default"):
+            continue
+        method = multitask.get_method(run["method"])
+        model, tokenizer, splits = multitask.load_model_and_splits(proto)
+        adapter = multitask.adapter_path(args, run["method"], run["lr"], 0)
+        if method.baseline:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        else:
+            from moetune.model import MoEModel
+
+            model = MoEModel.from_pretrained(model, adapter, strict=True)
+        assert multitask.score(model, tokenizer, splits, method, "val")["val"] == run["val"]
 
 
 def test_quick_run_resumes_without_training_again(quick_results) -> None:
