@@ -32,6 +32,7 @@ import torch
 
 from moetune import demo
 from moetune.run import (
+    CURATED_DATA,
     AddExperts,
     DataConfig,
     DataSource,
@@ -90,6 +91,7 @@ def stage_config(cfg: RunConfig, paths: dict[str, str], options, expand: bool) -
             train=[DataSource(paths[f"{task}.train"])],
             test=[DataSource(paths[f"{task}.test"])],
             max_length=cfg.data.max_length,
+            **CURATED_DATA,
         )
 
     moe = dataclasses.replace(cfg.moe, task=TASK_A, num_experts=4 if expand else 8)
@@ -101,7 +103,7 @@ def stage_config(cfg: RunConfig, paths: dict[str, str], options, expand: bool) -
     return dataclasses.replace(
         cfg,
         moe=moe,
-        data=DataConfig(max_length=cfg.data.max_length, options=options),
+        data=DataConfig(max_length=cfg.data.max_length, options=options, **CURATED_DATA),
         stages=stages,
         route_by_task=expand,
     )

@@ -155,6 +155,9 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
         "batches": "padding-free (padded for task routing)",
         "logits": "label positions only (padding-free batches)",
         "precision": "bf16 autocast, fp32 weights (training and scoring)",
+        # reasoning-gym's isomorphic_strings draws its items by iterating over sets of strings: they
+        # change with Python's string-hash seed unless it is fixed (the script re-runs itself so)
+        "python_hash_seed": 0,
     }
 
 
@@ -251,7 +254,15 @@ def run_one(
     from transformers import Trainer
 
     from moetune.model import get_moe_model
-    from moetune.run import DataConfig, RunConfig, Tasks, fit, trainer_inputs, training_mixture
+    from moetune.run import (
+        CURATED_DATA,
+        DataConfig,
+        RunConfig,
+        Tasks,
+        fit,
+        trainer_inputs,
+        training_mixture,
+    )
 
     method = get_method(name)
     model, tokenizer, splits = load_model_and_splits(proto)
@@ -260,7 +271,9 @@ def run_one(
         model=proto["model"],
         # padding-free batches: the same loss as padded ones without the padding's compute; task routing
         # needs one task id per example, so its batches are padded
-        data=DataConfig(max_length=proto["max_length"], padding_free=not method.route_by_task),
+        data=DataConfig(
+            max_length=proto["max_length"], padding_free=not method.route_by_task, **CURATED_DATA
+        ),
         training=training_args(proto, lr),
         router_lr_multiplier=method.router_lr_multiplier,
         seed=seed,
@@ -271,7 +284,7 @@ def run_one(
     torch.manual_seed(seed)
     random.seed(seed)
     output_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"multitask-{os.getpid()}")
-    result: dict[str, Any] = {"method": name, "lr": lr, "seed": seed}
+    result: dict[str, Any] = {"method": name, "lr": lr, "seed": seed, "data_sha256": splits.fingerprint()}
     start = time.time()
     if method.baseline:
         from peft import LoraConfig, get_peft_model
@@ -318,6 +331,7 @@ def score_test(name: str, lr: float, seed: int, proto: dict[str, Any], adapter_d
         model = MoEModel.from_pretrained(model, adapter_dir, strict=True)
     start = time.time()
     result = score(model, tokenizer, splits, method, "test")
+    result["test_data_sha256"] = splits.fingerprint()
     result["test_eval_seconds"] = round(time.time() - start, 1)
     print(f"{name} lr={lr:g} seed={seed}: test {mean_accuracy(result['test']):.3f}", flush=True)
     return result
@@ -576,6 +590,14 @@ def paired_bootstrap(
 def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
     """Per method at its chosen rate: accuracies, cost, routing; the comparison to the best baseline."""
     runs = state["runs"]
+    seen = {
+        (key, run.get(field))
+        for key, run in runs.items()
+        for field in ("data_sha256", "test_data_sha256")
+        if field in run
+    }
+    if len({sha for _, sha in seen}) > 1:
+        raise SystemExit(f"the runs did not all see the same data: {sorted(seen, key=str)}")
     rates = chosen_rates(args, state)
     table: dict[str, Any] = {}
     pending: dict[str, Any] = {}
@@ -867,4 +889,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":  # see protocol(): the data depend on the hash seed
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     sys.exit(main())

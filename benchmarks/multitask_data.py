@@ -15,7 +15,9 @@ same items. Prompts are unique within a task, and no prompt is in two splits.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +85,17 @@ class Splits:
     train: dict[str, list[Example]]
     val: dict[str, list[EvalItem]]
     test: dict[str, list[EvalItem]]
+
+    def fingerprint(self) -> str:
+        """sha256 of every example and item (messages, options): two runs saw the same data iff equal."""
+        rows = {
+            "train": {t: [ex.messages for ex in exs] for t, exs in self.train.items()},
+            **{
+                split: {t: [(it.example.messages, it.options) for it in items] for t, items in d.items()}
+                for split, d in (("val", self.val), ("test", self.test))
+            },
+        }
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def _ask(task: str, prompt: str, answer: str) -> Example:

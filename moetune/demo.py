@@ -23,7 +23,7 @@ from typing import Any
 from moetune.config import MoEConfig
 from moetune.data import Example
 from moetune.evaluation import EvalItem
-from moetune.run import DataConfig, RunConfig, Tasks
+from moetune.run import CURATED_DATA, DataConfig, RunConfig, Tasks
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune"))
@@ -239,7 +239,7 @@ def setup(train_per_task: int | None = None, test_per_task: int | None = None, s
     cfg = RunConfig(
         model="smollm2",
         moe=MoEConfig(**DEFAULT_MOE),
-        data=DataConfig(max_length=192),
+        data=DataConfig(max_length=192, **CURATED_DATA),
         training=dict(DEFAULT_TRAINING),
         seed=seed,
     )

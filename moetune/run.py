@@ -88,7 +88,26 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list, metadata={"help": "Training files."})
     test: list[DataSource] = field(default_factory=list, metadata={"help": "Held-out files, per task."})
     train_size: int | None = field(
-        default=None, metadata={"help": "Examples in the weighted training mixture; null = all, unweighted."}
+        default=None,
+        metadata={
+            "help": "With balance_tasks: examples in the mixture (null = as many as there are records)."
+        },
+    )
+    deduplicate: bool = field(
+        default=False,
+        metadata={"help": "Drop training records whose prompt repeats an earlier one of the same task."},
+    )
+    drop_test_overlap: bool = field(
+        default=False,
+        metadata={"help": "Drop training records whose prompt is also a test item's."},
+    )
+    balance_tasks: bool = field(
+        default=False,
+        metadata={
+            "help": "Resample the tasks to shares of train_size by their files' weight (a small task's "
+            "records repeated, a large one's cut), shuffled with the seed. Off: every record trains once "
+            "per epoch, in the order the Trainer shuffles."
+        },
     )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per example (prompts are cut from the left)."}
@@ -132,7 +151,12 @@ class DataConfig:
             for k, v in self.options.items()
         )
         _require(options_ok, "options", self.options, "must map each task to a list of answer strings")
-        for name in ("padding_free", "label_logits_only"):
+        if not self.balance_tasks:
+            _require(size is None, "train_size", size, "needs balance_tasks: true (or leave it out)")
+            weighted = [src.path for src in self.train if src.weight != 1.0]
+            _require(not weighted, "weight", weighted, "of a training file needs balance_tasks: true")
+        switches = ("padding_free", "label_logits_only", "deduplicate", "drop_test_overlap", "balance_tasks")
+        for name in switches:
             value = getattr(self, name)
             _require(isinstance(value, bool), name, value, "must be true or false")
 
@@ -403,15 +427,55 @@ def known_task(model: MoEModel, task: str) -> str:
     return task
 
 
-def training_mixture(cfg: RunConfig, tasks: Tasks) -> list[Example]:
-    """The run's training examples: held-out prompts removed, tasks mixed by weight, shuffled by the seed."""
-    held_out = [item.example for items in tasks.test.values() for item in items]
-    train_by_task = {t: deduplicate(exs, held_out) for t, exs in tasks.train.items()}
-    total_examples = cfg.data.train_size or sum(map(len, train_by_task.values()))
-    mixture = mix(train_by_task, tasks.weights or None, total_examples, seed=cfg.seed)
-    if not mixture:
+# the data rules of the demo and the benchmarks: repeats and test prompts out, tasks in equal shares
+CURATED_DATA = {"deduplicate": True, "drop_test_overlap": True, "balance_tasks": True}
+
+
+def training_mixture(cfg: RunConfig, tasks: Tasks, log: Callable[[str], None] | None = None) -> list[Example]:
+    """The run's training examples: every record as given, unless data rules are on (`deduplicate`,
+    `drop_test_overlap`, `balance_tasks`); `log` gets one line per rule with what it changed."""
+    log = log or (lambda _: None)
+    data = cfg.data
+    by_task = {t: list(exs) for t, exs in tasks.train.items()}
+    log(f"data: {_count(by_task)} training records ({_per_task(by_task)})")
+    if data.drop_test_overlap:
+        test_prompts = {item.example.prompt_key for items in tasks.test.values() for item in items}
+        kept = {t: [ex for ex in exs if ex.prompt_key not in test_prompts] for t, exs in by_task.items()}
+        log(f"data.drop_test_overlap: dropped {_dropped(by_task, kept, 'whose prompt is a test item')}")
+        by_task = kept
+    if data.deduplicate:
+        kept = {t: deduplicate(exs, []) for t, exs in by_task.items()}
+        log(f"data.deduplicate: dropped {_dropped(by_task, kept, 'whose prompt repeats an earlier one')}")
+        by_task = kept
+    by_task = {t: exs for t, exs in by_task.items() if exs}
+    if not by_task:
         raise DataError("the training mixture is empty")
-    return mixture
+    if data.balance_tasks:
+        total = data.train_size or _count(by_task)
+        weights = {t: w for t, w in tasks.weights.items() if t in by_task} or None
+        mixture = mix(by_task, weights, total, seed=cfg.seed)
+        shares = Counter(ex.task for ex in mixture)
+        log(
+            f"data.balance_tasks: {len(mixture)} examples ("
+            + ", ".join(f"{t}: {shares[t]} from {len(by_task[t])}" for t in sorted(by_task))
+            + ")"
+        )
+        return mixture
+    return [ex for exs in by_task.values() for ex in exs]
+
+
+def _count(by_task: dict[str, list[Example]]) -> int:
+    return sum(map(len, by_task.values()))
+
+
+def _per_task(by_task: dict[str, list[Example]]) -> str:
+    return ", ".join(f"{t}: {len(exs)}" for t, exs in sorted(by_task.items()))
+
+
+def _dropped(before: dict[str, list[Example]], after: dict[str, list[Example]], why: str) -> str:
+    lost = {t: len(exs) - len(after[t]) for t, exs in sorted(before.items()) if len(exs) > len(after[t])}
+    per_task = " (" + ", ".join(f"{t}: {n}" for t, n in lost.items()) + ")" if lost else ""
+    return f"{sum(lost.values())} records {why}{per_task}"
 
 
 def trainer_inputs(
@@ -550,7 +614,7 @@ def train_and_evaluate(
     trainable, total = moe.get_nb_trainable_parameters()
     log(f"moetune: {trainable:,} trainable of {total:,} parameters")
 
-    mixture = training_mixture(cfg, tasks)
+    mixture = training_mixture(cfg, tasks, log)
     trainer, train_seconds = fit(moe, tokenizer, cfg, mixture, output_dir, log, resume)
     moe.save_pretrained(os.path.join(output_dir, "adapter"))
     log("accuracy after fine-tuning:")

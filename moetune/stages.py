@@ -116,7 +116,7 @@ def run_stages(
                 f"(freeze_existing={add.freeze_existing})"
             )
         stage_cfg = dataclasses.replace(cfg, data=stage.data, training={**cfg.training, **stage.training})
-        mixture = training_mixture(stage_cfg, Tasks(tasks.train, test, tasks.weights))
+        mixture = training_mixture(stage_cfg, Tasks(tasks.train, test, tasks.weights), log)
         stage_dir = os.path.join(output_dir, f"stage-{i + 1}")
         trainer, seconds = fit(moe, tokenizer, stage_cfg, mixture, stage_dir, log)
         moe.save_pretrained(os.path.join(stage_dir, "adapter"))

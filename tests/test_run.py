@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -237,3 +238,61 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> No
             torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
     with pytest.raises(ConfigError, match="padding_free.*route_by_task"):
         RunConfig(data=DataConfig(padding_free=True), route_by_task=True)
+
+
+def _records(task: str, prompts: list[str]) -> list[Example]:
+    return [Example((("user", p), ("assistant", "x")), task) for p in prompts]
+
+
+def test_training_data_is_used_as_given_unless_a_rule_says_otherwise() -> None:
+    """30 + 30 + 30 records: a has 10 prompts three times each, b has 5 records that are test items,
+    c has 30 distinct ones. As given every record trains once; each rule drops or resamples exactly
+    the records it names, and says so in one line."""
+    from moetune.run import CURATED_DATA, training_mixture
+
+    train = {
+        "a": _records("a", [f"a{i % 10}" for i in range(30)]),
+        "b": _records("b", [f"b{i}" for i in range(30)]),
+        "c": _records("c", [f"c{i}" for i in range(30)]),
+    }
+    test = {"b": [EvalItem(ex) for ex in _records("b", [f"b{i}" for i in range(5)])]}
+    tasks = Tasks(train, test, {"a": 1.0, "b": 1.0, "c": 1.0})
+
+    def mixture(**rules) -> tuple[list[Example], list[str]]:
+        lines: list[str] = []
+        mixed = training_mixture(RunConfig(data=DataConfig(**rules)), tasks, lines.append)
+        return mixed, lines
+
+    as_given, lines = mixture()
+    assert as_given == train["a"] + train["b"] + train["c"]  # every record, once, in file order
+    assert lines == ["data: 90 training records (a: 30, b: 30, c: 30)"]
+
+    deduplicated, lines = mixture(deduplicate=True)
+    assert Counter(ex.task for ex in deduplicated) == {"a": 10, "b": 30, "c": 30}
+    assert lines[1] == "data.deduplicate: dropped 20 records whose prompt repeats an earlier one (a: 20)"
+
+    no_overlap, lines = mixture(drop_test_overlap=True)
+    assert Counter(ex.task for ex in no_overlap) == {"a": 30, "b": 25, "c": 30}
+    assert not {ex.messages[0][1] for ex in no_overlap} & {f"b{i}" for i in range(5)}
+    assert lines[1] == "data.drop_test_overlap: dropped 5 records whose prompt is a test item (b: 5)"
+
+    curated, lines = mixture(**CURATED_DATA)  # 65 distinct, non-test records in three equal shares
+    assert Counter(ex.task for ex in curated) == {"a": 22, "b": 22, "c": 22}  # round(65 / 3) each
+    repeats = Counter(ex.messages[0][1] for ex in curated if ex.task == "a")
+    assert sorted(repeats.values()) == [2] * 8 + [3] * 2  # a's 10 prompts cycled: 22 = 2 rounds + 2
+    assert lines[-1] == "data.balance_tasks: 66 examples (a: 22 from 10, b: 22 from 25, c: 22 from 30)"
+
+    sized, _ = mixture(balance_tasks=True, train_size=12)
+    assert Counter(ex.task for ex in sized) == {"a": 4, "b": 4, "c": 4}
+
+
+def test_mixture_settings_need_balance_tasks() -> None:
+    from moetune.run import ConfigError, DataSource
+
+    with pytest.raises(ConfigError, match=r"train_size=100: needs balance_tasks: true"):
+        DataConfig(train_size=100)
+    with pytest.raises(ConfigError, match=r"weight=\['t.jsonl'\]: of a training file needs balance_tasks"):
+        DataConfig(train=[DataSource("t.jsonl", weight=2.0)])
+    with pytest.raises(ConfigError, match=r"deduplicate='yes': must be true or false"):
+        DataConfig(deduplicate="yes")
+    DataConfig(train=[DataSource("t.jsonl", weight=2.0)], train_size=100, balance_tasks=True)
