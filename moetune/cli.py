@@ -42,6 +42,9 @@ def _yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+OVERWRITE_HELP = "replace what an earlier run wrote there (refused without it when not empty)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moetune", description="Fine-tune language models with a mixture of LoRA experts (MoE-LoRA)."
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-per-task", type=int, default=None, help="demo: held-out items per task (>= 200)"
     )
     train.add_argument("--seed", type=int, default=None, help="random seed")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     train.add_argument(
         "--resume",
         action="store_true",
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local base model directory. --from: build the adapter on it (names, shapes, act_fn checked, "
         "its fingerprint recorded; without it none is). --to: its FFN activation gives MixLoRA's act_fn",
     )
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty DST")
     conv.add_argument(
         "--act-fn", default=None, help="--to: MixLoRA's act_fn (an ACT2FN name, e.g. silu); default: --base's"
     )
@@ -132,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", nargs="+", default=None, help="export only these tasks' experts (default: all)"
     )
     exp.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the base's)")
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty DST")
     return parser
 
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, however many it had
         print(f"moetune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
@@ -174,28 +179,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moetune import demo
-    from moetune.run import load_run_config, train_and_evaluate
+    from moetune.run import check_run, load_run_config, train_and_evaluate
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("moe_") and v is not None}
     if args.config is None:
+        check_run(demo.config(), args.output_dir, args.overwrite, args.resume)
         cfg, model, tokenizer, tasks = demo.setup(
             train_per_task=args.train_per_task, test_per_task=args.test_per_task, seed=args.seed
         )
+        _override(cfg, args, overrides)
     else:
         from moetune.run import tasks_from_config
 
         cfg = load_run_config(args.config)
+        _override(cfg, args, overrides)
         if cfg.stages:
-            return _train_stages(args, cfg, overrides)
+            return _train_stages(args, cfg)
         tasks = tasks_from_config(cfg.data)  # bad data fail here, before a model is loaded
+        check_run(cfg, args.output_dir, args.overwrite, args.resume)
         model, tokenizer = demo.load_model(cfg.model)
-    _override(cfg, args, overrides)
     metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log, resume=args.resume)
     demo.remember_run(args.output_dir, cfg, args)
-    _log(
-        f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}; "
-        f"wrote {os.path.join(args.output_dir, 'report.md')}"
+    accuracy = (
+        f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}"
+        if metrics["mean_after"] is not None
+        else "no test data (data.test): accuracy not measured"
     )
+    _log(f"{accuracy}; wrote {os.path.join(args.output_dir, 'report.md')}")
     return 0
 
 
@@ -208,16 +218,17 @@ def _override(cfg: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> 
         cfg.seed = args.seed
 
 
-def _train_stages(args: argparse.Namespace, cfg: Any, overrides: dict[str, Any]) -> int:
+def _train_stages(args: argparse.Namespace, cfg: Any) -> int:
     """A continual-learning config (`stages:`): every stage in order, then its report."""
     from moetune import demo
+    from moetune.run import check_run
     from moetune.stages import run_stages, stage_tasks
 
     if args.resume:
         raise ValueError(f"{args.config}: --resume continues one training run; this config has stages")
     stage_tasks(cfg)  # bad data fail here, before a model is loaded
+    check_run(cfg, args.output_dir, args.overwrite)
     model, tokenizer = demo.load_model(cfg.model)
-    _override(cfg, args, overrides)
     run_stages(model, tokenizer, cfg, args.output_dir, log=_log)
     demo.remember_run(args.output_dir, cfg, args)
     _log(f"wrote {os.path.join(args.output_dir, 'report.md')}")
@@ -279,6 +290,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from moetune import convert
 
+    _refuse_existing(args.dst, args.overwrite)
     if args.from_format:
         if args.act_fn is not None:
             raise ValueError("--act-fn goes with --to mixlora (imported experts use the FFN's activation)")
@@ -308,6 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from moetune.export import export_moe, load_for_export
 
+    _refuse_existing(args.dst, args.overwrite)
     model, tokenizer = load_for_export(args.adapter, args.base)
     out = export_moe(
         model,
@@ -330,6 +343,12 @@ COMMANDS = {
     "export": cmd_export,
     "convert": cmd_convert,
 }
+
+
+def _refuse_existing(dst: str, overwrite: bool) -> None:
+    """A destination that exists and is not an empty directory is replaced only with --overwrite."""
+    if os.path.exists(dst) and not overwrite and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
 def _log(message: str) -> None:

@@ -236,14 +236,18 @@ def setup(train_per_task: int | None = None, test_per_task: int | None = None, s
     train_per_task = DEFAULT_TRAIN_PER_TASK if train_per_task is None else train_per_task
     model, tokenizer = load_model("smollm2")
     tasks = build_tasks(train_per_task, test_per_task, seed, tokenizer)
-    cfg = RunConfig(
+    return config(seed), model, tokenizer, tasks
+
+
+def config(seed: int = 0) -> RunConfig:
+    """The demo's run configuration."""
+    return RunConfig(
         model="smollm2",
         moe=MoEConfig(**DEFAULT_MOE),
         data=DataConfig(max_length=192, **CURATED_DATA),
         training=dict(DEFAULT_TRAINING),
         seed=seed,
     )
-    return cfg, model, tokenizer, tasks
 
 
 def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:

@@ -54,7 +54,7 @@ from moetune.architectures import is_quantized
 from moetune.layers import LoRALinear, MoEFFN, RoutedLayer, TrainableCopy
 from moetune.model import MoEModel
 from moetune.routing import DTYPES
-from moetune.serialization import _fsync_dir
+from moetune.serialization import _fsync_dir, umask_mode
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -460,6 +460,7 @@ def export_moe(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, umask_mode(0o777))
     try:
         exported.save_pretrained(tmp)
         _write_tokenizer(tokenizer, tmp)

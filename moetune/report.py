@@ -14,9 +14,25 @@ def _pct(x: float) -> str:
 
 
 def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
-    lines = [
-        "# moetune run report",
+    lines = ["# moetune run report", ""]
+    if metrics["mean_after"] is None:
+        lines += ["No test data (`data.test`): accuracy and routing on held-out data were not measured.", ""]
+    else:
+        lines += _accuracy_and_routing(metrics)
+    lines += [
+        "## Settings",
         "",
+        f"- training examples: {metrics['train_examples']}, training time: {metrics['train_seconds']} s",
+        f"- trainable parameters: {metrics['trainable_parameters']:,}",
+        f"- MoE: `{_moe_summary(metrics['moe_config'])}`",
+        f"- training arguments: `{metrics['training']}`",
+        "",
+    ]
+    atomic_write_text(os.fspath(path), "\n".join(lines))
+
+
+def _accuracy_and_routing(metrics: dict[str, Any]) -> list[str]:
+    lines = [
         "## Accuracy (95% Wilson intervals)",
         "",
         "| task | n | before | after | change |",
@@ -54,17 +70,7 @@ def write_report(metrics: dict[str, Any], path: str | os.PathLike) -> None:
         dead = sum(len(s["dead_experts"]) for s in layers.values())
         worst = min_share_times_experts(layers)
         lines.append(f"| {group} | {worst:.2f} | {cv:.3f} | {per_token:.2f} | {load:.2f} | {dead} |")
-    lines += [
-        "",
-        "## Settings",
-        "",
-        f"- training examples: {metrics['train_examples']}, training time: {metrics['train_seconds']} s",
-        f"- trainable parameters: {metrics['trainable_parameters']:,}",
-        f"- MoE: `{_moe_summary(metrics['moe_config'])}`",
-        f"- training arguments: `{metrics['training']}`",
-        "",
-    ]
-    atomic_write_text(os.fspath(path), "\n".join(lines))
+    return [*lines, ""]
 
 
 def _moe_summary(cfg: dict[str, Any]) -> str:

@@ -14,7 +14,11 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import time
+import types
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from moetune.config import MoEConfig, short_repr
 from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import EvalItem, evaluate
 from moetune.model import MoEModel, get_moe_model
+from moetune.serialization import atomic_write_text
 from moetune.training import MoETrainer
 
 # libyaml's safe loader where installed: linear time and a nesting limit (PyYAML's pure-Python scanner
@@ -314,7 +319,38 @@ def _parse_training(raw: Any, where: str) -> dict[str, Any]:
     unknown = sorted(set(training) - known, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown TrainingArguments field(s) {unknown}")
-    return training
+    return {key: _training_value(key, value, where) for key, value in training.items()}
+
+
+def _training_value(key: str, value: Any, where: str) -> Any:
+    """A TrainingArguments value from YAML, as the field's type wants it: YAML 1.1 reads `1e-3` (no dot)
+    as a string, which TrainingArguments would keep and the optimizer fail on minutes later."""
+    types = _field_types(key)
+    if not {int, float} & types or value is None:
+        return value
+    if _is_number(value) and (float in types or isinstance(value, int) or value.is_integer()):
+        return value if float in types or isinstance(value, int) else int(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and float in types:
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+        if types - {int, float, type(None)}:  # a field that also takes a string or an enum
+            return value
+    kind = "a number" if float in types else "an integer"
+    raise ConfigError(f"{where}.{key}={short_repr(value)}: must be {kind}")
+
+
+def _field_types(key: str) -> set[type]:
+    """The plain types a TrainingArguments field accepts (`float | None` -> {float, NoneType})."""
+    hint = typing.get_type_hints(TrainingArguments)[key]
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    members = typing.get_args(hint) if union else (hint,)
+    return {t for t in members if isinstance(t, type)}
 
 
 def _parse_stage(raw: Any, where: str) -> StageConfig:
@@ -478,6 +514,74 @@ def _dropped(before: dict[str, list[Example]], after: dict[str, list[Example]], 
     return f"{sum(lost.values())} records {why}{per_task}"
 
 
+# what `moetune train` writes in its output directory (stage-<n>/ as well); --overwrite clears these
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "report.md", "routing.png", "task_expert.png")
+
+
+def prepare_output_dir(path: str, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse a non-empty output directory unless `resume` (its checkpoints continue) or `overwrite`
+    (the previous run's outputs are removed first, so none is left stale). `overwrite` removes only what
+    a run writes: a directory holding anything else is refused even then."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--output-dir {path}: exists and is not a directory")
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--output-dir {path}: not empty; pass --overwrite to replace the run there, or --resume to "
+            "continue it"
+        )
+    foreign = [e for e in entries if e not in RUN_OUTPUTS and not re.fullmatch(r"stage-\d+", e)]
+    if foreign:
+        raise ConfigError(
+            f"--output-dir {path}: --overwrite replaces a moetune run's outputs, and this directory also "
+            f"holds {foreign[:3]}; choose another directory"
+        )
+    for entry in entries:
+        target = os.path.join(path, entry)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
+
+
+def check_run(cfg: RunConfig, output_dir: str, overwrite: bool = False, resume: bool = False) -> None:
+    """Everything about a training run that can be checked before a model loads: the output directory,
+    the TrainingArguments (strategies, report_to integrations), a checkpoint for `resume`."""
+    training_arguments(cfg, output_dir)
+    for stage in cfg.stages:
+        training_arguments(dataclasses.replace(cfg, training={**cfg.training, **stage.training}), output_dir)
+    if resume and last_complete_checkpoint(os.path.join(output_dir, "checkpoints")) is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {os.path.join(output_dir, 'checkpoints')}")
+    prepare_output_dir(output_dir, overwrite, resume)
+
+
+def training_arguments(cfg: RunConfig, output_dir: str) -> TrainingArguments:
+    """The run's TrainingArguments (checkpoints under `output_dir/checkpoints`); a value transformers
+    refuses, or a `report_to` integration whose package is missing, is a one-line ConfigError."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        args = TrainingArguments(
+            **{
+                "output_dir": os.path.join(output_dir, "checkpoints"),
+                "report_to": [],
+                "use_cpu": not torch.cuda.is_available(),
+                "seed": cfg.seed,
+                "save_strategy": "no",
+                "logging_steps": 10,
+                "remove_unused_columns": False,
+                **cfg.training,
+            }
+        )
+        for callback in get_reporting_integration_callbacks(args.report_to):
+            callback()  # raises when the integration's package is not installed
+    except (ValueError, TypeError, RuntimeError, ImportError) as err:
+        raise ConfigError(f"training: {' '.join(str(err).split())}") from None
+    return args
+
+
 def trainer_inputs(
     tokenizer, cfg: RunConfig, mixture: list[Example], output_dir: str, task_names: list[str] | None = None
 ) -> dict[str, Any]:
@@ -489,18 +593,7 @@ def trainer_inputs(
     if task_names is not None:
         for row, ex in zip(encoded, mixture, strict=True):
             row["task_ids"] = task_names.index(ex.task)
-    args = TrainingArguments(
-        **{
-            "output_dir": os.path.join(output_dir, "checkpoints"),
-            "report_to": [],
-            "use_cpu": not torch.cuda.is_available(),
-            "seed": cfg.seed,
-            "save_strategy": "no",
-            "logging_steps": 10,
-            "remove_unused_columns": False,
-            **cfg.training,
-        }
-    )
+    args = training_arguments(cfg, output_dir)
     if cfg.data.padding_free:  # one row per batch; the first label of each example is already -100
         collator = PaddingFreeCollator(
             return_position_ids=True, separator_id=-100, label_logits_only=cfg.data.label_logits_only
@@ -635,14 +728,28 @@ def train_and_evaluate(
     }
     metrics["mean_before"] = _mean(metrics["before"].values())
     metrics["mean_after"] = _mean(metrics["after"].values())
-    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=2, default=str)
+    atomic_write_text(os.path.join(output_dir, "metrics.json"), strict_json(metrics))
     if after["routing"]:
         plot_routing(after["routing"], os.path.join(output_dir, "routing.png"))
     write_report(metrics, os.path.join(output_dir, "report.md"))
     return metrics
 
 
-def _mean(values) -> float:
+def _mean(values) -> float | None:
     values = list(values)
-    return sum(values) / len(values) if values else math.nan
+    return sum(values) / len(values) if values else None
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: a NaN or infinity (which json.dump writes as bare NaN) is null."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False)

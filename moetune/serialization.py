@@ -97,6 +97,14 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask: what open() and mkdir() would give. tempfile makes its files
+    0600 and its directories 0700, which a server running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write via `write(tmp)` to a temporary file beside `path`, fsync it, rename it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -104,6 +112,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode(0o666))  # after write: some writers (safetensors) replace the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

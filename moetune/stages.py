@@ -14,7 +14,6 @@ Writes `adapter/` (the final model), `stage-<n>/adapter/` after each stage, `met
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from moetune.run import (
     evaluate_tasks,
     fit,
     held_out_items,
+    strict_json,
     tasks_from_config,
     training_mixture,
 )
@@ -140,7 +140,7 @@ def run_stages(
         "moe_config": moe.moe_config.to_dict(),
         "route_by_task": cfg.routes_by_task,
     }
-    atomic_write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2, default=str))
+    atomic_write_text(os.path.join(output_dir, "metrics.json"), strict_json(metrics))
     atomic_write_text(os.path.join(output_dir, "report.md"), stages_report(metrics))
     return metrics
 

@@ -372,7 +372,11 @@ def test_cli_convert_both_ways_and_one_line_errors(tmp_path, capsys):
     src = write_mixlora(tmp_path / "mix", cfg, random_mixlora_weights("llama", cfg))
     dst = str(tmp_path / "moe")
     assert main(["convert", "--from", "mixlora", src, dst]) == 0
-    assert main(["convert", "--from", "mixlora", src, dst]) == 0  # into an existing directory
+    capsys.readouterr()
+    assert main(["convert", "--from", "mixlora", src, dst]) == 2  # not into an existing one unasked
+    err = capsys.readouterr().err.strip()
+    assert err == f"moetune convert: error: {dst}: exists and is not empty; pass --overwrite to replace it"
+    assert main(["convert", "--from", "mixlora", src, dst, "--overwrite"]) == 0
     moetune.MoEModel.from_pretrained(tiny_model("llama"), dst)
     assert main(["convert", "--to", "mixlora", dst, str(tmp_path / "mix2"), "--act-fn", "silu"]) == 0
     assert sorted(os.listdir(tmp_path / "mix2")) == [convert.MIXLORA_CONFIG, convert.MIXLORA_WEIGHTS]
@@ -380,12 +384,12 @@ def test_cli_convert_both_ways_and_one_line_errors(tmp_path, capsys):
 
     random_moetune("llama", router="soft", aux_loss_coef=0.0).save_pretrained(tmp_path / "soft")
     for argv, needle in [
-        (["--from", "mixlora", str(tmp_path / "none"), dst], "none: no such MixLoRA adapter directory"),
+        (["--from", "mixlora", str(tmp_path / "none"), str(tmp_path / "y")], "none: no such MixLoRA adapter"),
         (
             ["--to", "mixlora", str(tmp_path / "soft"), str(tmp_path / "x"), "--act-fn", "silu"],
             "router='soft'",
         ),
-        (["--from", "mixlora", src, dst, "--act-fn", "silu"], "--act-fn goes with --to"),
+        (["--from", "mixlora", src, str(tmp_path / "y"), "--act-fn", "silu"], "--act-fn goes with --to"),
         (["--to", "mixlora", dst, str(tmp_path / "x"), "--act-fn", "nope"], "act_fn='nope'"),
     ]:
         assert main(["convert", *argv]) == 2

@@ -221,6 +221,37 @@ BAD_INPUTS = {
     "YAML syntax error": ("data: {train: [train.jsonl]\n", {}, "c.yaml: not valid YAML"),
     "YAML key typo": ("data: {trian: [train.jsonl]}", {}, "c.yaml: data: unknown key(s) ['trian']"),
     "missing config file": (None, {}, "c.yaml: no such config file"),
+    # TrainingArguments values: coerced by the field's type, and built before any model loads
+    "learning rate a word": (
+        "data: {train: [train.jsonl]}\ntraining: {learning_rate: fast}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: training.learning_rate='fast': must be a number",
+    ),
+    "max_steps not an integer": (
+        "data: {train: [train.jsonl]}\ntraining: {max_steps: 2.5}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: training.max_steps=2.5: must be an integer",
+    ),
+    "unknown eval strategy": (
+        "data: {train: [train.jsonl]}\ntraining: {eval_strategy: often}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "training: often is not a valid IntervalStrategy, please select one of ['no', 'steps', 'epoch']",
+    ),
+    "best model, strategies apart": (  # transformers' message has three lines: all of it, on one
+        "data: {train: [train.jsonl]}\ntraining: {load_best_model_at_end: true, save_strategy: steps}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "but found - Evaluation strategy: IntervalStrategy.NO - Save strategy: SaveStrategy.STEPS",
+    ),
+    "report_to without its package": (
+        "data: {train: [train.jsonl]}\ntraining: {report_to: [wandb]}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "training: WandbCallback requires wandb to be installed",
+    ),
+    "train_size without balance_tasks": (
+        "data: {train: [train.jsonl], train_size: 10}",
+        {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
+        "c.yaml: data: train_size=10: needs balance_tasks: true",
+    ),
 }
 
 

@@ -1,0 +1,145 @@
+"""`moetune train` as a user meets it, on a tiny local model: the data trained as given, YAML numbers
+read as numbers, output directories never overwritten unasked, files others can read, strict JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from moetune import demo
+from moetune.cli import main
+from tests.tiny_models import tiny_chat_tokenizer, tiny_model
+
+WORDS = ("good", "bad")
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A run directory: tiny-llama/, train.jsonl (20 records: 4 repeated, 2 also test items), test.jsonl."""
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_model("llama")
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    rows = [{"prompt": f"Review: {w} film {i}", "response": w} for i in range(8) for w in WORDS]  # 16
+    rows += rows[:4]  # 4 repeats
+    test = [{"prompt": f"Review: {w} film {i}", "response": w} for i in (0, 20, 21) for w in WORDS[:1]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_config(root, data: str = "train: [train.jsonl], test: [test.jsonl]", training: str = "") -> str:
+    (root / "c.yaml").write_text(
+        "model: tiny-llama\n"
+        "moe: {num_experts: 2, top_k: 1, r: 2, lora_dropout: 0.0}\n"
+        f"data: {{{data}, max_length: 16}}\n"
+        f"training: {{per_device_train_batch_size: 4, max_steps: 1, disable_tqdm: true{training}}}\n"
+    )
+    return "c.yaml"
+
+
+@pytest.fixture
+def model_loads(monkeypatch) -> list[str]:
+    """The names of the models `moetune train` loaded."""
+    loaded: list[str] = []
+    load = demo.load_model
+
+    def counting(name: str = "smollm2"):
+        loaded.append(name)
+        return load(name)
+
+    monkeypatch.setattr(demo, "load_model", counting)
+    return loaded
+
+
+def train(*argv: str) -> int:
+    return main(["train", *argv])
+
+
+def test_every_record_trains_as_given_and_yaml_numbers_are_numbers(root, capsys) -> None:
+    """20 records in, 20 examples trained (YAML's `1e-3`, a string to PyYAML, is the learning rate)."""
+    config = write_config(root, training=", learning_rate: 1e-3, logging_steps: 1")
+    assert train(config, "--output-dir", "out") == 0
+    err = capsys.readouterr().err
+    assert "data: 20 training records (default: 20)" in err
+    assert "training on 20 examples (default: 20)" in err
+    assert "data.deduplicate" not in err and "data.drop_test_overlap" not in err
+    metrics = json.loads((root / "out" / "metrics.json").read_text())
+    assert metrics["train_examples"] == 20 and metrics["training"]["learning_rate"] == 0.001
+    lrs = [h["learning_rate"] for h in metrics["log_history"] if "learning_rate" in h]
+    assert lrs and all(isinstance(lr, float) for lr in lrs)
+
+
+def test_data_rules_say_what_they_changed(root, capsys) -> None:
+    rules = "deduplicate: true, drop_test_overlap: true, balance_tasks: true"
+    config = write_config(root, data=f"train: [train.jsonl], test: [test.jsonl], {rules}")
+    assert train(config, "--output-dir", "out") == 0
+    err = capsys.readouterr().err
+    assert "data.drop_test_overlap: dropped 2 records whose prompt is a test item (default: 2)" in err
+    # of the 4 repeats, the 2 copies of "good film 0" went with the test items: 3 repeats are left
+    assert "data.deduplicate: dropped 3 records whose prompt repeats an earlier one (default: 3)" in err
+    assert "data.balance_tasks: 15 examples (default: 15 from 15)" in err
+
+
+def test_a_used_output_directory_needs_overwrite_and_nothing_stale_stays(root, capsys, model_loads) -> None:
+    config = write_config(root)
+    assert train(config, "--output-dir", "out") == 0
+    assert model_loads == ["tiny-llama"]
+    (root / "out" / "task_expert.png").write_bytes(b"an old plot")  # as `moetune stats` leaves one
+    capsys.readouterr()
+
+    assert train(config, "--output-dir", "out") == 2  # refused before any model loads
+    assert capsys.readouterr().err.strip() == (
+        "moetune train: error: --output-dir out: not empty; pass --overwrite to replace the run there, "
+        "or --resume to continue it"
+    )
+    assert model_loads == ["tiny-llama"]
+
+    assert train(config, "--output-dir", "out", "--resume") == 2  # nothing to resume
+    assert "--resume: no complete checkpoint in out/checkpoints" in capsys.readouterr().err
+    assert model_loads == ["tiny-llama"]
+
+    assert train(config, "--output-dir", "out", "--overwrite") == 0
+    assert not (root / "out" / "task_expert.png").exists()
+    assert model_loads == ["tiny-llama"] * 2
+
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("not a run")
+    assert train(config, "--output-dir", "mine", "--overwrite") == 2
+    assert "also holds ['thesis.tex']; choose another directory" in capsys.readouterr().err
+    assert (root / "mine" / "thesis.tex").read_text() == "not a run"
+
+
+def test_written_files_follow_the_umask(root) -> None:
+    """Under umask 022 every file is 0644 and every directory 0755, as open() and mkdir() give."""
+    old = os.umask(0o022)
+    try:
+        assert train(write_config(root), "--output-dir", "out") == 0
+    finally:
+        os.umask(old)
+    paths = [root / "out"] + [
+        os.path.join(d, name) for d, dirs, files in os.walk(root / "out") for name in dirs + files
+    ]
+    modes = {str(p): stat.S_IMODE(os.stat(p).st_mode) for p in paths}
+    assert {"adapter", "metrics.json", "report.md"} <= set(os.listdir(root / "out"))
+    for path, mode in modes.items():
+        assert mode == (0o755 if os.path.isdir(path) else 0o644), (path, oct(mode))
+
+
+def test_without_test_data_the_files_say_so_and_hold_no_nan(root, capsys) -> None:
+    assert train(write_config(root, data="train: [train.jsonl]"), "--output-dir", "out") == 0
+    assert "no test data (data.test): accuracy not measured" in capsys.readouterr().err
+
+    def no_constants(name: str):
+        raise AssertionError(f"metrics.json holds {name}")
+
+    metrics = json.loads((root / "out" / "metrics.json").read_text(), parse_constant=no_constants)
+    assert metrics["mean_before"] is None and metrics["mean_after"] is None
+    report = (root / "out" / "report.md").read_text()
+    assert "No test data (`data.test`)" in report and "routing.png" not in report and "nan" not in report
+    assert not (root / "out" / "routing.png").exists()
