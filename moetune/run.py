@@ -106,6 +106,13 @@ class DataConfig:
         default=False,
         metadata={"help": "Drop training records whose prompt is also a test item's."},
     )
+    allow_untrained_test_tasks: bool = field(
+        default=False,
+        metadata={
+            "help": "Score test tasks that no training record has (e.g. to measure transfer). Off: such a "
+            "task is an error, as a misspelt task name usually is."
+        },
+    )
     balance_tasks: bool = field(
         default=False,
         metadata={
@@ -160,7 +167,14 @@ class DataConfig:
             _require(size is None, "train_size", size, "needs balance_tasks: true (or leave it out)")
             weighted = [src.path for src in self.train if src.weight != 1.0]
             _require(not weighted, "weight", weighted, "of a training file needs balance_tasks: true")
-        switches = ("padding_free", "label_logits_only", "deduplicate", "drop_test_overlap", "balance_tasks")
+        switches = (
+            "padding_free",
+            "label_logits_only",
+            "deduplicate",
+            "drop_test_overlap",
+            "balance_tasks",
+            "allow_untrained_test_tasks",
+        )
         for name in switches:
             value = getattr(self, name)
             _require(isinstance(value, bool), name, value, "must be true or false")
@@ -395,9 +409,12 @@ class Tasks:
     weights: dict[str, float] = field(default_factory=dict)
 
 
-def tasks_from_config(data: DataConfig, fallback_options: dict[str, list[str]] | None = None) -> Tasks:
+def tasks_from_config(
+    data: DataConfig, fallback_options: dict[str, list[str]] | None = None, check_untrained: bool = True
+) -> Tasks:
     """Training examples and held-out items of `data`; held-out tasks without `data.options` are scored
-    on `fallback_options` (a stage's data inherit the run's)."""
+    on `fallback_options` (a stage's data inherit the run's). `check_untrained`: a held-out task without
+    training records is an error unless `data.allow_untrained_test_tasks` (see `check_held_out`)."""
     if not data.train:
         raise ConfigError("data.train: no training files given")
     train: dict[str, list[Example]] = {}
@@ -410,7 +427,26 @@ def tasks_from_config(data: DataConfig, fallback_options: dict[str, list[str]] |
     unknown = sorted(set(data.options) - set(train) - set(test))
     if unknown:
         raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(train)}")
+    check_held_out(set(train) if check_untrained else set(test), test, data.allow_untrained_test_tasks)
     return Tasks(train, test, weights)
+
+
+def check_held_out(trained: set[str], test: dict[str, list[EvalItem]], allow_untrained: bool) -> None:
+    """The mistakes in test data that would otherwise only show as a low score: a task nothing trains
+    (unless `allow_untrained`), and an answer that is none of its task's options (never scored right)."""
+    untrained = sorted(set(test) - trained)
+    if untrained and not allow_untrained:
+        raise ConfigError(
+            f"data.test: task(s) {untrained} have no training records (training tasks: {sorted(trained)}); "
+            "set data.allow_untrained_test_tasks: true to score them anyway"
+        )
+    for task, items in test.items():
+        for item in items:
+            if item.options and item.example.response not in item.options:
+                raise ConfigError(
+                    f"data.options: task {task!r}: the test answer {short_repr(item.example.response)} is "
+                    f"none of the options {list(item.options)}, so it could never be scored right"
+                )
 
 
 def held_out_items(

@@ -27,6 +27,7 @@ from moetune.run import (
     ConfigError,
     RunConfig,
     Tasks,
+    check_held_out,
     evaluate_tasks,
     fit,
     held_out_items,
@@ -45,12 +46,16 @@ def stage_tasks(cfg: RunConfig) -> tuple[list[Tasks], dict[str, list[EvalItem]]]
     """Each stage's training data, and the held-out items of every task (top level and stages).
     Read before any model loads, so bad data fail first."""
     # a stage's held-out tasks are scored on its options, else the top level's
-    per_stage = [tasks_from_config(stage.data, cfg.data.options) for stage in cfg.stages]
+    per_stage = [
+        tasks_from_config(stage.data, cfg.data.options, check_untrained=False) for stage in cfg.stages
+    ]
     test = held_out_items(cfg.data)
     for tasks in per_stage:
         for task, items in tasks.test.items():
             test.setdefault(task, []).extend(items)
-    named = set(test).union(*(tasks.train for tasks in per_stage))
+    trained = set().union(*(tasks.train for tasks in per_stage))
+    check_held_out(trained, test, cfg.data.allow_untrained_test_tasks)
+    named = set(test) | trained
     unknown = sorted(set(cfg.data.options) - named)
     if unknown:
         raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(named)}")

@@ -247,6 +247,24 @@ BAD_INPUTS = {
         {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},
         "training: WandbCallback requires wandb to be installed",
     ),
+    "test task nothing trains": (
+        "data: {train: [train.jsonl], test: [test.jsonl]}",
+        {
+            "train.jsonl": '{"prompt": "a", "response": "b", "task": "qa"}\n',
+            "test.jsonl": '{"prompt": "c", "response": "d", "task": "q&a"}\n',
+        },
+        "data.test: task(s) ['q&a'] have no training records (training tasks: ['qa']); set "
+        "data.allow_untrained_test_tasks: true",
+    ),
+    "test answer none of the options": (
+        "data: {train: [train.jsonl], test: [test.jsonl], options: {default: [positive, negative]}}",
+        {
+            "train.jsonl": '{"prompt": "a", "response": "positive"}\n',
+            "test.jsonl": '{"prompt": "c", "response": "Positive"}\n',
+        },
+        "data.options: task 'default': the test answer 'Positive' is none of the options ['positive', "
+        "'negative'], so it could never be scored right",
+    ),
     "train_size without balance_tasks": (
         "data: {train: [train.jsonl], train_size: 10}",
         {"train.jsonl": '{"prompt": "a", "response": "b"}\n'},

@@ -296,3 +296,15 @@ def test_mixture_settings_need_balance_tasks() -> None:
     with pytest.raises(ConfigError, match=r"deduplicate='yes': must be true or false"):
         DataConfig(deduplicate="yes")
     DataConfig(train=[DataSource("t.jsonl", weight=2.0)], train_size=100, balance_tasks=True)
+
+
+def test_held_out_checks_by_hand() -> None:
+    from moetune.run import ConfigError, check_held_out
+
+    item = EvalItem(_records("b", ["b0"])[0])
+    check_held_out({"a"}, {"b": [item]}, allow_untrained=True)  # transfer to an untrained task: asked for
+    with pytest.raises(ConfigError, match=r"task\(s\) \['b'\] have no training records"):
+        check_held_out({"a"}, {"b": [item]}, allow_untrained=False)
+    check_held_out({"b"}, {"b": [EvalItem(item.example, ("x", "y"))]}, allow_untrained=False)  # "x": fine
+    with pytest.raises(ConfigError, match=r"the test answer 'x' is none of the options \['y', 'z'\]"):
+        check_held_out({"b"}, {"b": [EvalItem(item.example, ("y", "z"))]}, allow_untrained=False)
