@@ -18,17 +18,20 @@ from typing import Any
 from moetune.config import MoEConfig
 
 
-def _moe_options(parser: argparse.ArgumentParser) -> None:
+def _moe_options(parser: argparse.ArgumentParser, demo_moe: dict[str, Any]) -> None:
     group = parser.add_argument_group("MoE options (override the config's `moe` section)")
     for f in dataclasses.fields(MoEConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f"default: {_default(f)}"
+        if f.name in demo_moe and demo_moe[f.name] != _default(f):
+            default += f"; the demo's: {demo_moe[f.name]}"
         group.add_argument(
             flag,
             dest=f"moe_{f.name}",
             default=None,
             type=_yaml_value,
             metavar="VALUE",
-            help=f"{f.metadata['help']} (default: {_default(f)})",
+            help=f"{f.metadata['help']} ({default})",
         )
 
 
@@ -51,23 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser(
-        "train",
-        help="fine-tune from a YAML config, or run the built-in demo without one",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from moetune import demo
+
+    about_train = "fine-tune from a YAML config, or run the built-in demo without one"
+    train = sub.add_parser("train", help=about_train, description=about_train)
     train.add_argument(
-        "config", nargs="?", help="YAML with sections model/moe/data/training; none = the demo"
+        "config", nargs="?", help="YAML with sections model/moe/data/training; without it, the demo"
     )
     train.add_argument(
         "--output-dir", required=True, help="where adapter/, metrics.json, report.md, routing.png go"
     )
-    train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides the config)")
-    train.add_argument("--train-per-task", type=int, default=None, help="demo: training examples per task")
     train.add_argument(
-        "--test-per-task", type=int, default=None, help="demo: held-out items per task (>= 200)"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default: the config's training.max_steps)",
     )
-    train.add_argument("--seed", type=int, default=None, help="random seed")
+    train.add_argument(
+        "--train-per-task",
+        type=int,
+        default=None,
+        help=f"the demo's training examples per task (default: {demo.DEFAULT_TRAIN_PER_TASK})",
+    )
+    train.add_argument(
+        "--test-per-task",
+        type=int,
+        default=None,
+        help=f"the demo's held-out items per task (default: {demo.DEFAULT_TEST_PER_TASK})",
+    )
+    train.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, else 0)")
     train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     train.add_argument(
         "--resume",
@@ -75,19 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the last complete checkpoint in OUTPUT_DIR/checkpoints (one is written on "
         "Ctrl-C, and every save_steps with training.save_strategy: steps); give the same other arguments",
     )
-    _moe_options(train)
+    _moe_options(train, demo.DEFAULT_MOE)
 
-    ev = sub.add_parser("eval", help="accuracy of a trained adapter on the run's held-out data")
-    ev.add_argument("--adapter", required=True, help="an adapter directory written by `moetune train`")
-    ev.add_argument("--test-per-task", type=int, default=None, help="demo: held-out items per task")
+    about_eval = "accuracy of a trained adapter, per task with 95% intervals, printed as JSON"
+    ev = sub.add_parser("eval", help=about_eval, description=about_eval)
+    ev.add_argument("--adapter", required=True, help=ADAPTER_HELP)
+    ev.add_argument(
+        "--test-per-task",
+        type=int,
+        default=None,
+        help=f"the demo's held-out items per task (default: {demo.DEFAULT_TEST_PER_TASK})",
+    )
     ev.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
-    st = sub.add_parser("stats", help="routing statistics of an adapter: tables and PNG plots")
-    st.add_argument("--adapter", required=True)
+    about_stats = "routing statistics of an adapter on held-out items: tables, routing.png, task_expert.png"
+    st = sub.add_parser("stats", help=about_stats, description=about_stats)
+    st.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     st.add_argument(
         "--output-dir", default=None, help="where the PNG plots go (default: next to the adapter)"
     )
-    st.add_argument("--test-per-task", type=int, default=50, help="held-out items per task to route")
+    st.add_argument(
+        "--test-per-task", type=int, default=50, help="held-out items per task to route (default: 50)"
+    )
     st.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
     conv = sub.add_parser(
@@ -113,10 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--act-fn", default=None, help="--to: MixLoRA's act_fn (an ACT2FN name, e.g. silu); default: --base's"
     )
 
-    gen = sub.add_parser("generate", help="generate text with a trained adapter (KV cache, greedy)")
-    gen.add_argument("--adapter", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    about_generate = "the answer of a trained adapter to one prompt (chat template; greedy unless sampling)"
+    gen = sub.add_parser("generate", help=about_generate, description=about_generate)
+    gen.add_argument("--adapter", required=True, help=ADAPTER_HELP)
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy decoding (default: 0)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: the smallest set of tokens with this "
+        "much probability (default: 1.0 = all); with --temperature > 0",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
     exp = sub.add_parser(
         "export",
@@ -235,6 +274,7 @@ def _train_stages(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+ADAPTER_HELP = "an adapter directory: OUTPUT_DIR/adapter of `moetune train`, or one `convert` wrote"
 ALL_EXPERTS_HELP = (
     "route every held-out item among all experts; default: an adapter with several tasks, or with "
     "task_routing, runs each task's items under use_tasks([task]) when the data's tasks are its own"
@@ -311,16 +351,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moetune.data import prompt_text
     from moetune.evaluation import greedy_answer
 
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     model, tokenizer, _ = demo.load_adapter_run(args.adapter, test_per_task=0)
     prompt = prompt_text(tokenizer, [("user", args.prompt)])
-    print(greedy_answer(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens))
+    if args.temperature == 0:
+        print(greedy_answer(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens))
+        return 0
+    import torch
+
+    torch.manual_seed(args.seed)
+    enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from moetune.export import export_moe, load_for_export
+    from moetune.export import check_adapter_exportable, export_moe, load_for_export
 
     _refuse_existing(args.dst, args.overwrite)
+    check_adapter_exportable(args.adapter, args.to)
     model, tokenizer = load_for_export(args.adapter, args.base)
     out = export_moe(
         model,

@@ -346,11 +346,7 @@ def check_exportable(model: MoEModel, target: Target, blocks: tuple[int, ...]) -
                 [layer.router.expert_bias[s : s + n] for s, n in layer.router.block_ranges(blocks)]
             )
             if bool(bias_E.any()):
-                raise ExportError(
-                    f"{path}: nonzero expert bias (aux-loss-free balancing, bias_update_rate="
-                    f"{cfg.bias_update_rate}): it changes which experts are selected, which {to}'s router "
-                    "cannot express"
-                )
+                raise ExportError(f"{path}: {nonzero_bias_refusal(to, cfg.bias_update_rate)}")
     return layers
 
 
@@ -513,6 +509,30 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 # ---- the CLI's entry --------------------------------------------------------------------------------
+def nonzero_bias_refusal(to: str, rate: float) -> str:
+    return (
+        f"nonzero expert bias (aux-loss-free balancing, bias_update_rate={rate}): it changes which experts "
+        f"are selected, which {to}'s router cannot express; to export, train with --bias-update-rate 0 "
+        "(the aux loss balances alone), or serve the adapter with moetune"
+    )
+
+
+def check_adapter_exportable(adapter: str, to: str) -> None:
+    """What the adapter's own files can tell before a base model loads: no nonzero expert bias."""
+    from safetensors import safe_open
+
+    from moetune.serialization import WEIGHTS_NAME, read_config
+
+    weights = os.path.join(adapter, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        return  # load_for_export names what is missing
+    cfg, _ = read_config(adapter)
+    with safe_open(weights, framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if name.endswith("expert_bias") and bool(fh.get_tensor(name).any()):
+                raise ExportError(f"{adapter}: {nonzero_bias_refusal(to, cfg.bias_update_rate)}")
+
+
 def load_for_export(adapter: str, base: str | None = None) -> tuple[MoEModel, Any]:
     """(MoEModel, tokenizer source) for `moetune export`: the base is `base`, else the one `moetune
     eval/generate` find (the run record, else the adapter's provenance); the tokenizer source is the

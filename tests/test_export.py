@@ -261,6 +261,32 @@ def test_refused_nonzero_expert_bias(tmp_path):
         export_mixtral(model, tmp_path / "out")
 
 
+def test_cli_refuses_a_nonzero_expert_bias_before_loading_the_base(tmp_path, capsys, monkeypatch):
+    """From the adapter's files alone, naming the fix; the base (a directory that does not exist) is
+    never loaded."""
+    from moetune import demo
+    from moetune.cli import main
+
+    cfg = moetune.MoEConfig(num_experts=4, top_k=2, r=4, bias_update_rate=0.01)
+    model = moetune.get_moe_model(tiny_base("llama"), cfg)
+    model.base_model.model.layers[1].mlp.router.expert_bias[2] = 0.01
+    model.save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(demo, "load_model", lambda *a: pytest.fail("the base was loaded"))
+    argv = [
+        "export",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--base",
+        str(tmp_path / "none"),
+        str(tmp_path / "x"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moetune export: error: ") and len(err.splitlines()) == 1
+    assert "nonzero expert bias" in err and "train with --bias-update-rate 0" in err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     ("family", "overrides", "message"),
     [
