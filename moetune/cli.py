@@ -7,6 +7,7 @@ the input (missing file, empty data, YAML typo, bad value) print one line and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -338,7 +339,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         note = "" if args.base else "; no base fingerprint recorded (give --base to record one)"
         _log(f"wrote moetune adapter {args.dst}: {cfg.num_experts} experts, top-{cfg.top_k}, r={cfg.r}{note}")
     else:
-        data = convert.to_mixlora(args.src, args.dst, act_fn=args.act_fn, base=args.base)
+        base = args.base
+        if base is None and args.act_fn is None and os.path.isdir(args.src):
+            from moetune import demo
+
+            with contextlib.suppress(FileNotFoundError, ValueError):  # else to_mixlora says what to give
+                base = demo.recorded_base(args.src)  # the base export and generate would find
+        if base == "smollm2":  # the built-in model: no directory a config could be read from
+            from moetune import demo
+
+            base = demo.load_model("smollm2")[0]
+        data = convert.to_mixlora(args.src, args.dst, act_fn=args.act_fn, base=base)
         _log(
             f"wrote MixLoRA adapter {args.dst}: {data['num_experts']} experts, top-{data['top_k']}, "
             f"act_fn={data['act_fn']}"

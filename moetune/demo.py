@@ -286,6 +286,19 @@ def base_model_of(adapter: str, record: dict[str, Any] | None, extras: dict[str,
     )
 
 
+def recorded_base(adapter: str) -> str:
+    """The base model an adapter directory names: its run record's, else its provenance's."""
+    from moetune.serialization import read_config
+
+    _, extras = read_config(adapter)
+    run_file = os.path.join(adapter, RUN_FILE)
+    record = None
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            record = json.load(fh)
+    return base_model_of(adapter, record, extras)
+
+
 def load_adapter_run(adapter: str, test_per_task: int | None = None):
     """(MoEModel, tokenizer, Tasks) for an adapter; test_per_task=0 needs no data (empty Tasks).
 

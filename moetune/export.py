@@ -39,7 +39,6 @@ exports only those tasks' experts: the exported model then routes exactly as `us
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -538,18 +537,11 @@ def load_for_export(adapter: str, base: str | None = None) -> tuple[MoEModel, An
     eval/generate` find (the run record, else the adapter's provenance); the tokenizer source is the
     base directory (its files are copied), or the demo model's tokenizer."""
     from moetune import demo
-    from moetune.serialization import read_config
 
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"{adapter}: not an adapter: no such directory")
     if base is None:
-        _, extras = read_config(adapter)
-        run_file = os.path.join(adapter, demo.RUN_FILE)
-        record = None
-        if os.path.isfile(run_file):
-            with open(run_file, encoding="utf-8") as fh:
-                record = json.load(fh)
-        base = demo.base_model_of(adapter, record, extras)
+        base = demo.recorded_base(adapter)
     elif base != "smollm2" and not os.path.isdir(base):
         raise FileNotFoundError(
             f"--base {base}: no such local model directory (no hub downloads at run time)"

@@ -486,6 +486,19 @@ def yaml_run(tmp_path_factory):
 GOOD_BAD = (("good", "positive"), ("bad", "negative"))
 
 
+def test_convert_to_mixlora_finds_the_base_export_finds(yaml_run, tmp_path, monkeypatch):
+    """No --base, no --act-fn: the activation comes from the base the run record names (relative to
+    the directory the run started in), as `export` and `generate` find it."""
+    from moetune import convert
+    from moetune.cli import main
+
+    root, _ = yaml_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--to", "mixlora", str(root / "out" / "adapter"), "mix"]) == 0
+    with open(tmp_path / "mix" / convert.MIXLORA_CONFIG) as fh:
+        assert json.load(fh)["act_fn"] == "silu"
+
+
 def test_eval_of_a_yaml_run_from_another_directory(yaml_run, tmp_path, monkeypatch, capsys):
     from moetune.cli import main
 
