@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"the demo's held-out items per task (default: {demo.DEFAULT_TEST_PER_TASK})",
     )
+    ev.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="test records to score (JSONL/JSON/CSV, as in training; repeat for several files); default: "
+        "the run's own test data",
+    )
+    ev.add_argument(
+        "--base", default=None, help="the base model directory (default: the one the adapter records)"
+    )
     ev.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
     about_stats = "routing statistics of an adapter on held-out items: tables, routing.png, task_expert.png"
@@ -292,7 +303,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moetune import demo
     from moetune.run import evaluate_tasks
 
-    model, tokenizer, tasks = demo.load_adapter_run(args.adapter, test_per_task=args.test_per_task)
+    model, tokenizer, tasks = demo.load_adapter_run(
+        args.adapter, test_per_task=args.test_per_task, data=args.data, base=args.base
+    )
+    if not tasks.test:
+        raise ValueError(f"{args.adapter}: no test items to score (the run had no test data): give --data")
     result = evaluate_tasks(model, tokenizer, tasks.test, _log, by_task=_by_task(model, tasks, args))
     print(json.dumps({t: r["accuracy"] for t, r in result["accuracy"].items()}, indent=2))
     return 0

@@ -13,6 +13,7 @@ Test items are class-balanced, disjoint from training, and fixed by the seed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -258,6 +259,15 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
     """
     from moetune.serialization import atomic_write_text
 
+    held_out = [
+        {
+            **dataclasses.asdict(src),
+            "path": os.path.abspath(src.path),
+            "options": {**cfg.data.options, **d.options},
+        }
+        for d in (cfg.data, *(stage.data for stage in cfg.stages))
+        for src in d.test
+    ]
     record = {
         "model": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
         "demo": args.config is None,
@@ -266,6 +276,7 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
         "seed": cfg.seed,
         "train_per_task": getattr(args, "train_per_task", None),
         "test_per_task": getattr(args, "test_per_task", None),
+        "held_out": held_out,  # the test files (absolute) and their options: eval needs nothing else
     }
     atomic_write_text(os.path.join(output_dir, "adapter", RUN_FILE), json.dumps(record, indent=2))
 
@@ -299,14 +310,20 @@ def recorded_base(adapter: str) -> str:
     return base_model_of(adapter, record, extras)
 
 
-def load_adapter_run(adapter: str, test_per_task: int | None = None):
+def load_adapter_run(
+    adapter: str,
+    test_per_task: int | None = None,
+    data: list[str] | None = None,
+    base: str | None = None,
+):
     """(MoEModel, tokenizer, Tasks) for an adapter; test_per_task=0 needs no data (empty Tasks).
 
-    The base model comes from the run record `moetune train` writes (`moetune_run.json`), else from the
-    adapter's provenance; the held-out data need the run record.
+    The base model is `base`, else the run record's that `moetune train` writes (`moetune_run.json`),
+    else the adapter's provenance's. The held-out items: the files `data` (scored on the run's options
+    where the run record has them), else the run's own test data, which need the run record.
     """
     from moetune.model import MoEModel
-    from moetune.run import load_run_config, tasks_from_config
+    from moetune.run import DataSource, held_out_items, load_run_config
     from moetune.serialization import read_config
 
     if not os.path.isdir(adapter):
@@ -317,15 +334,32 @@ def load_adapter_run(adapter: str, test_per_task: int | None = None):
     if os.path.isfile(run_file):
         with open(run_file, encoding="utf-8") as fh:
             record = json.load(fh)
-    elif test_per_task != 0:
+    elif test_per_task != 0 and not data:
         raise MissingAsset(
-            f"{run_file}: no run record, so the held-out data of this adapter's run are unknown (only "
-            "`moetune train` writes it; `moetune generate` works without it)"
+            f"{run_file}: no run record, so the held-out data of this adapter's run are unknown: give test "
+            "files (--data)"
         )
-    model, tokenizer = load_model(base_model_of(adapter, record, extras))
+    if base is not None and base != "smollm2" and not os.path.isdir(base):
+        raise MissingAsset(f"--base {base}: no such local model directory (no hub downloads at run time)")
+    if data:
+        options = {k: v for entry in (record or {}).get("held_out", []) for k, v in entry["options"].items()}
+        test = {}
+        for path in data:
+            for ex in DataSource(path).examples():
+                test.setdefault(ex.task, []).append(EvalItem(ex, tuple(options.get(ex.task, ()))))
+    model, tokenizer = load_model(base or base_model_of(adapter, record, extras))
     moe = MoEModel.from_pretrained(model, adapter)
-    if record is None or test_per_task == 0:
+    if data:
+        tasks = Tasks({}, test)
+    elif record is None or test_per_task == 0:
         tasks = Tasks({}, {})
+    elif "held_out" in record and not record["demo"]:
+        test = {}
+        for entry in record["held_out"]:
+            src = DataSource(**{k: v for k, v in entry.items() if k != "options"})
+            for ex in src.examples():
+                test.setdefault(ex.task, []).append(EvalItem(ex, tuple(entry["options"].get(ex.task, ()))))
+        tasks = Tasks({}, test)
     elif record["demo"]:
         n_test = (
             test_per_task if test_per_task is not None else record["test_per_task"] or DEFAULT_TEST_PER_TASK
@@ -343,5 +377,5 @@ def load_adapter_run(adapter: str, test_per_task: int | None = None):
 
             tasks = Tasks({}, stage_tasks(cfg)[1])  # every stage's held-out tasks
         else:
-            tasks = tasks_from_config(cfg.data)
+            tasks = Tasks({}, held_out_items(cfg.data))  # the test files only: not the training ones
     return moe, tokenizer, tasks

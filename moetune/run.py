@@ -396,7 +396,19 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
             raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
         except (yaml.YAMLError, ValueError, OverflowError) as err:  # ValueError: a bad date, a huge int
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    return parse_run_config(raw, path)
+    cfg = parse_run_config(raw, path)
+    resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    return cfg
+
+
+def resolve_paths(cfg: RunConfig, folder: str) -> None:
+    """Relative paths in a YAML are from the YAML's folder, wherever the command runs: every data file,
+    and the model when that folder holds a directory of its name (else it stays a name: the demo's)."""
+    for data in (cfg.data, *(stage.data for stage in cfg.stages)):
+        for src in (*data.train, *data.test):
+            src.path = os.path.normpath(os.path.join(folder, src.path))
+    if not os.path.isabs(cfg.model) and os.path.isdir(os.path.join(folder, cfg.model)):
+        cfg.model = os.path.normpath(os.path.join(folder, cfg.model))
 
 
 # ---- the run --------------------------------------------------------------------------------------

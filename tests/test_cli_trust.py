@@ -50,7 +50,7 @@ def model_loads(monkeypatch) -> list[str]:
     load = demo.load_model
 
     def counting(name: str = "smollm2"):
-        loaded.append(name)
+        loaded.append(os.path.basename(name))
         return load(name)
 
     monkeypatch.setattr(demo, "load_model", counting)
@@ -143,3 +143,47 @@ def test_without_test_data_the_files_say_so_and_hold_no_nan(root, capsys) -> Non
     report = (root / "out" / "report.md").read_text()
     assert "No test data (`data.test`)" in report and "routing.png" not in report and "nan" not in report
     assert not (root / "out" / "routing.png").exists()
+
+
+def test_eval_scores_given_test_files_even_for_a_converted_adapter(root, capsys) -> None:
+    """`eval --data` on the trained adapter and on its round trip through MixLoRA's format (no run
+    record: --base names the model): the same accuracy, from a file the run never saw."""
+    assert train(write_config(root, data="train: [train.jsonl]"), "--output-dir", "out") == 0
+    (root / "new.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"Review: {w} show {i}", "response": w}) + "\n"
+            for i in range(3)
+            for w in WORDS
+        )
+    )
+    adapter = str(root / "out" / "adapter")
+    assert main(["eval", "--adapter", adapter]) == 2  # the run had no test data
+    assert "no test items to score (the run had no test data): give --data" in capsys.readouterr().err
+    assert main(["eval", "--adapter", adapter, "--data", "new.jsonl"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["convert", "--to", "mixlora", adapter, "mix"]) == 0
+    assert main(["convert", "--from", "mixlora", "mix", "back"]) == 0
+    assert not (root / "back" / demo.RUN_FILE).exists()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", "back", "--data", "new.jsonl", "--base", "tiny-llama"]) == 0
+    converted = json.loads(capsys.readouterr().out)
+    assert trained.keys() == converted.keys() == {"default"}
+    assert converted["default"] == pytest.approx(trained["default"])
+
+
+def test_yaml_paths_are_from_the_yaml_folder(root, tmp_path_factory, monkeypatch, capsys) -> None:
+    (root / "configs").mkdir()
+    (root / "configs" / "c.yaml").write_text(
+        (root / write_config(root))
+        .read_text()
+        .replace("model: tiny-llama", "model: ../tiny-llama")
+        .replace("[train.jsonl]", "[../train.jsonl]")
+        .replace("[test.jsonl]", "[../test.jsonl]")
+    )
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    assert train(str(root / "configs" / "c.yaml"), "--output-dir", "out") == 0
+    assert "data: 20 training records" in capsys.readouterr().err
+    assert main(["eval", "--adapter", "out/adapter"]) == 0  # the run's test file, found again
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)) == {"default"} and "n=3" in captured.err

@@ -505,7 +505,7 @@ def test_eval_of_a_yaml_run_from_another_directory(yaml_run, tmp_path, monkeypat
     root, metrics = yaml_run
     adapter = root / "out" / "adapter"
     provenance = json.loads((adapter / CONFIG_NAME).read_text())
-    assert provenance["_base_model"] == "tiny-llama"  # as the config named it, relative
+    assert provenance["_base_model"] == str(root / "tiny-llama")  # from the config's folder
     monkeypatch.chdir(tmp_path)  # neither the model nor the data paths resolve from here
     assert main(["eval", "--adapter", str(adapter)]) == 0
     assert json.loads(capsys.readouterr().out) == metrics["after"]
