@@ -1,4 +1,4 @@
-"""The `moetune` command: train (a YAML config, or the built-in demo), eval, stats, generate, export, convert.
+"""The `moetune` command: train (a YAML config, or the demo), eval, stats, generate, export, convert, merge.
 
 Every MoEConfig field is also a `train` option, with its help text as the option's help. Errors in
 the input (missing file, empty data, YAML typo, bad value) print one line and exit with status 2.
@@ -189,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the base's)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty DST")
+
+    about_merge = (
+        "merge an adapter into its base weights (peft's merge_and_unload) and write a plain transformers "
+        "model directory; only where every token gets the same mixture (one expert, or one task's)"
+    )
+    mrg = sub.add_parser("merge", help=about_merge, description=about_merge)
+    mrg.add_argument("dst", help="the model directory to write (config.json, safetensors, tokenizer)")
+    mrg.add_argument("--adapter", required=True, help=ADAPTER_HELP)
+    mrg.add_argument(
+        "--task", nargs="+", default=None, help="route as this task (or tasks) does (default: every expert)"
+    )
+    mrg.add_argument(
+        "--base", default=None, help="the base model directory (default: the one the adapter records)"
+    )
+    mrg.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty DST")
     return parser
 
 
@@ -424,6 +439,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from moetune import demo
+    from moetune.export import publish_model
+    from moetune.merge import merge_and_unload
+
+    _refuse_existing(args.dst, args.overwrite)
+    model, tokenizer, _ = demo.load_adapter_run(args.adapter, test_per_task=0, base=args.base)
+    task = args.task[0] if args.task and len(args.task) == 1 else args.task
+    merged = merge_and_unload(model, task)
+    publish_model(merged, tokenizer, args.dst)
+    _log(f"wrote {args.dst}: load it with transformers' AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -431,6 +460,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "export": cmd_export,
     "convert": cmd_convert,
+    "merge": cmd_merge,
 }
 
 

@@ -452,19 +452,26 @@ def export_moe(
     if generation is not None:
         exported.generation_config = copy.deepcopy(generation)
 
+    publish_model(exported, tokenizer, out_dir)
+    return out_dir
+
+
+def publish_model(model: nn.Module, tokenizer: Any, out_dir: str) -> None:
+    """`model.save_pretrained` and the tokenizer (an object, or a directory whose tokenizer files are
+    copied) into `out_dir`, which appears whole: written beside it, then renamed over it."""
+    out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     os.chmod(tmp, umask_mode(0o777))
     try:
-        exported.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         _write_tokenizer(tokenizer, tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def export_mixtral(model: MoEModel, out_dir: str | os.PathLike, **kwargs: Any) -> str:

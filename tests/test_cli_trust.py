@@ -33,10 +33,12 @@ def root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_config(root, data: str = "train: [train.jsonl], test: [test.jsonl]", training: str = "") -> str:
+def write_config(
+    root, data: str = "train: [train.jsonl], test: [test.jsonl]", training: str = "", experts: int = 2
+) -> str:
     (root / "c.yaml").write_text(
         "model: tiny-llama\n"
-        "moe: {num_experts: 2, top_k: 1, r: 2, lora_dropout: 0.0}\n"
+        f"moe: {{num_experts: {experts}, top_k: 1, r: 2, lora_dropout: 0.0}}\n"
         f"data: {{{data}, max_length: 16}}\n"
         f"training: {{per_device_train_batch_size: 4, max_steps: 1, disable_tqdm: true{training}}}\n"
     )
@@ -187,3 +189,29 @@ def test_yaml_paths_are_from_the_yaml_folder(root, tmp_path_factory, monkeypatch
     assert main(["eval", "--adapter", "out/adapter"]) == 0  # the run's test file, found again
     captured = capsys.readouterr()
     assert set(json.loads(captured.out)) == {"default"} and "n=3" in captured.err
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_outputs(root, capsys) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert train(write_config(root, experts=1, training=", learning_rate: 0.05"), "--output-dir", "one") == 0
+    assert main(["merge", "--adapter", "one/adapter", "merged"]) == 0
+    moe, _, _ = demo.load_adapter_run("one/adapter", test_per_task=0)
+    plain = AutoModelForCausalLM.from_pretrained(root / "merged")
+    assert (root / "merged" / "tokenizer_config.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        expected, merged = moe(input_ids=ids).logits, plain(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(root / "tiny-llama")(input_ids=ids).logits
+    assert not torch.allclose(expected, base, atol=1e-4)  # the adapter changed something
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+
+    capsys.readouterr()  # two experts, one per token: no single set of weights computes that
+    assert train(write_config(root, experts=2), "--output-dir", "two") == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", "two/adapter", "merged2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+    assert err.startswith("moetune merge: error: ") and "merging needs one routed expert per layer" in err
+    assert not (root / "merged2").exists()
+    assert main(["merge", "--adapter", "one/adapter", "merged"]) == 2  # exists: --overwrite
