@@ -92,6 +92,21 @@ class DataSource:
 class DataConfig:
     train: list[DataSource] = field(default_factory=list, metadata={"help": "Training files."})
     test: list[DataSource] = field(default_factory=list, metadata={"help": "Held-out files, per task."})
+    validation: list[DataSource] = field(
+        default_factory=list,
+        metadata={
+            "help": "Validation files: their loss per task (eval_<task>_loss, and eval_loss, the mean over "
+            "tasks) and routing, whenever training.eval_strategy says; what load_best_model_at_end and "
+            "metric_for_best_model read."
+        },
+    )
+    validation_split: float = field(
+        default=0.0,
+        metadata={
+            "help": "Instead of validation files: this fraction of each task's training records (at least "
+            "one, drawn with a fixed seed) is held out as validation data, never trained on."
+        },
+    )
     train_size: int | None = field(
         default=None,
         metadata={
@@ -167,6 +182,10 @@ class DataConfig:
             _require(size is None, "train_size", size, "needs balance_tasks: true (or leave it out)")
             weighted = [src.path for src in self.train if src.weight != 1.0]
             _require(not weighted, "weight", weighted, "of a training file needs balance_tasks: true")
+        split = self.validation_split
+        ok = _is_number(split) and 0 <= split < 1
+        _require(ok, "validation_split", split, "must be a number in [0, 1)")
+        _require(not (split and self.validation), "validation_split", split, "or validation files, not both")
         switches = (
             "padding_free",
             "label_logits_only",
@@ -306,7 +325,7 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
 
 def _parse_data(raw: Any, where: str) -> DataConfig:
     data_raw = dict(_strict(DataConfig, raw, where))
-    for split in ("train", "test"):
+    for split in ("train", "test", "validation"):
         items = data_raw.get(split) or []
         if isinstance(items, (str, dict)):
             items = [items]
@@ -419,6 +438,7 @@ class Tasks:
     train: dict[str, list[Example]]
     test: dict[str, list[EvalItem]]
     weights: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, list[Example]] = field(default_factory=dict)  # the Trainer's eval_dataset
 
 
 def tasks_from_config(
@@ -440,7 +460,24 @@ def tasks_from_config(
     if unknown:
         raise ConfigError(f"data.options names unknown task(s) {unknown}; tasks are {sorted(train)}")
     check_held_out(set(train) if check_untrained else set(test), test, data.allow_untrained_test_tasks)
-    return Tasks(train, test, weights)
+    validation: dict[str, list[Example]] = {}
+    for src in data.validation:
+        for ex in src.examples():
+            validation.setdefault(ex.task, []).append(ex)
+    if data.validation_split:
+        rng = random.Random(0)
+        for task, exs in train.items():
+            order = list(range(len(exs)))
+            rng.shuffle(order)
+            held = set(order[: max(1, round(len(exs) * data.validation_split))])
+            if len(held) == len(exs):
+                raise ConfigError(
+                    f"data.validation_split={data.validation_split}: task {task!r} has {len(exs)} training "
+                    "record(s), too few to hold any out"
+                )
+            validation[task] = [ex for i, ex in enumerate(exs) if i in held]
+            train[task] = [ex for i, ex in enumerate(exs) if i not in held]
+    return Tasks(train, test, weights, validation)
 
 
 def check_held_out(trained: set[str], test: dict[str, list[EvalItem]], allow_untrained: bool) -> None:
@@ -522,6 +559,8 @@ def training_mixture(cfg: RunConfig, tasks: Tasks, log: Callable[[str], None] | 
     data = cfg.data
     by_task = {t: list(exs) for t, exs in tasks.train.items()}
     log(f"data: {_count(by_task)} training records ({_per_task(by_task)})")
+    if tasks.validation:
+        log(f"data: {_count(tasks.validation)} validation records ({_per_task(tasks.validation)})")
     if data.drop_test_overlap:
         test_prompts = {item.example.prompt_key for items in tasks.test.values() for item in items}
         kept = {t: [ex for ex in exs if ex.prompt_key not in test_prompts] for t, exs in by_task.items()}
@@ -597,7 +636,15 @@ def prepare_output_dir(path: str, overwrite: bool = False, resume: bool = False)
 def check_run(cfg: RunConfig, output_dir: str, overwrite: bool = False, resume: bool = False) -> None:
     """Everything about a training run that can be checked before a model loads: the output directory,
     the TrainingArguments (strategies, report_to integrations), a checkpoint for `resume`."""
-    training_arguments(cfg, output_dir)
+    args = training_arguments(cfg, output_dir)
+    has_validation = bool(cfg.data.validation or cfg.data.validation_split)
+    if args.eval_strategy != "no" and not has_validation:
+        raise ConfigError(
+            f"training.eval_strategy={args.eval_strategy.value!r} needs validation data: data.validation "
+            "files or data.validation_split"
+        )
+    if cfg.stages and has_validation:
+        raise ConfigError("data.validation: evaluation during training is for runs without stages")
     for stage in cfg.stages:
         training_arguments(dataclasses.replace(cfg, training={**cfg.training, **stage.training}), output_dir)
     if resume and last_complete_checkpoint(os.path.join(output_dir, "checkpoints")) is None:
@@ -631,30 +678,43 @@ def training_arguments(cfg: RunConfig, output_dir: str) -> TrainingArguments:
 
 
 def trainer_inputs(
-    tokenizer, cfg: RunConfig, mixture: list[Example], output_dir: str, task_names: list[str] | None = None
+    tokenizer,
+    cfg: RunConfig,
+    mixture: list[Example],
+    output_dir: str,
+    task_names: list[str] | None = None,
+    validation: dict[str, list[Example]] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of a transformers Trainer for the run: args, dataset, tokenizer and collator.
-    `task_names`: the model's tasks; each example then carries `task_ids`, its task's index there."""
+    """Keyword arguments of a transformers Trainer for the run: args, datasets, tokenizer and collator.
+    `task_names`: the model's tasks; each example then carries `task_ids`, its task's index there.
+    `validation`: per task, the examples of `eval_dataset` (a dict: the Trainer scores each task)."""
     from datasets import Dataset
 
-    encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in mixture]
-    if task_names is not None:
-        for row, ex in zip(encoded, mixture, strict=True):
-            row["task_ids"] = task_names.index(ex.task)
+    def dataset(examples: list[Example]) -> Dataset:
+        encoded = [encode(tokenizer, ex, cfg.data.max_length) for ex in examples]
+        if task_names is not None:
+            for row, ex in zip(encoded, examples, strict=True):
+                row["task_ids"] = task_names.index(ex.task)
+        if cfg.data.padding_free:
+            encoded = [{k: v for k, v in row.items() if k != "attention_mask"} for row in encoded]
+        return Dataset.from_list(encoded)
+
     args = training_arguments(cfg, output_dir)
     if cfg.data.padding_free:  # one row per batch; the first label of each example is already -100
         collator = PaddingFreeCollator(
             return_position_ids=True, separator_id=-100, label_logits_only=cfg.data.label_logits_only
         )
-        encoded = [{k: v for k, v in row.items() if k != "attention_mask"} for row in encoded]
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    return {
+    inputs = {
         "args": args,
-        "train_dataset": Dataset.from_list(encoded),
+        "train_dataset": dataset(mixture),
         "processing_class": tokenizer,
         "data_collator": collator,
     }
+    if validation:
+        inputs["eval_dataset"] = {task: dataset(exs) for task, exs in sorted(validation.items())}
+    return inputs
 
 
 class PaddingFreeCollator(DataCollatorWithFlattening):
@@ -689,6 +749,7 @@ def fit(
     output_dir: str,
     log: Callable[[str], None] = print,
     resume: bool = False,
+    validation: dict[str, list[Example]] | None = None,
 ) -> tuple[MoETrainer, float]:
     """Train `moe` on `mixture` with MoETrainer (checkpoints under `output_dir/checkpoints/`); returns
     the trainer and the training seconds. Ctrl-C saves a checkpoint and raises `TrainingInterrupted`."""
@@ -706,7 +767,7 @@ def fit(
     trainer = MoETrainer(
         model=moe,
         router_lr_multiplier=cfg.router_lr_multiplier,
-        **trainer_inputs(tokenizer, cfg, mixture, output_dir, task_names),
+        **trainer_inputs(tokenizer, cfg, mixture, output_dir, task_names, validation),
     )
     checkpoint = None
     if resume:
@@ -756,7 +817,7 @@ def train_and_evaluate(
     log(f"moetune: {trainable:,} trainable of {total:,} parameters")
 
     mixture = training_mixture(cfg, tasks, log)
-    trainer, train_seconds = fit(moe, tokenizer, cfg, mixture, output_dir, log, resume)
+    trainer, train_seconds = fit(moe, tokenizer, cfg, mixture, output_dir, log, resume, tasks.validation)
     moe.save_pretrained(os.path.join(output_dir, "adapter"))
     log("accuracy after fine-tuning:")
     after = evaluate_tasks(moe, tokenizer, tasks.test, log, by_task=cfg.routes_by_task)

@@ -62,7 +62,7 @@ from moetune import checkpoints
 from moetune.callbacks import StepMonitor
 from moetune.model import MoEModel
 from moetune.serialization import load_adapter_weights
-from moetune.stats import all_reduce_sum
+from moetune.stats import PER_RANK_BUFFERS, all_reduce_sum
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -234,8 +234,55 @@ class MoETrainerMixin:
         self.optimizer = optimizer_cls([g for g in groups.values() if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
+    # ---- evaluation --------------------------------------------------------------------------------
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """The Trainer's evaluation, with each dataset's routing (`<prefix>_moe/effective_experts`,
+        `..._effective_load`, `..._load_cv`) kept apart from the training's routing statistics; for a dict
+        of datasets (one per task) also `<prefix>_loss`, the mean of their losses, which the Trainer's
+        default `metric_for_best_model` reads."""
+        datasets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(datasets, dict):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            losses = [metrics.get(f"{metric_key_prefix}_{name}_loss") for name in datasets]
+            if f"{metric_key_prefix}_loss" not in metrics and losses and None not in losses:
+                mean = {f"{metric_key_prefix}_loss": sum(losses) / len(losses)}
+                metrics.update(mean)
+                super().log(mean)
+            return metrics
+        moe = unwrap_moe(self.model)
+        saved = {
+            (name, buf): getattr(layer.router, buf).clone()
+            for name, layer in moe.moe_layers()
+            for buf in PER_RANK_BUFFERS
+        }
+        moe.reset_routing_stats()
+        self._eval_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix = None
+            layers = dict(moe.moe_layers())
+            for (name, buf), value in saved.items():  # the training's statistics, as they were
+                getattr(layers[name].router, buf).copy_(value)
+
+    def _routing_metrics(self, prefix: str) -> dict[str, float]:
+        layer_stats = list(unwrap_moe(self.model).routing_stats().values())
+        if not layer_stats or not layer_stats[0]["tokens"]:
+            return {}
+        n = len(layer_stats)
+        metrics = {f"{prefix}moe/load_cv": round(sum(s["load_cv"] for s in layer_stats) / n, 4)}
+        metrics[f"{prefix}moe/dead_experts"] = sum(len(s["dead_experts"]) for s in layer_stats)
+        for key in ("effective_experts", "effective_load"):  # averaged over layers
+            metrics[f"{prefix}moe/{key}"] = round(sum(s[key] for s in layer_stats) / n, 4)
+        return metrics
+
     # ---- logs --------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        prefix = getattr(self, "_eval_prefix", None)
+        if prefix is not None and f"{prefix}_loss" in logs:  # an evaluation's metrics (the dict returned)
+            logs.update(self._routing_metrics(f"{prefix}_"))
         if self._aux_count and "loss" in logs:
             # every rank logs (the Trainer gathers its loss too): the mean over all ranks' micro-batches
             sums = torch.tensor([*self._aux_sums.values(), self._aux_count], dtype=torch.float64)
@@ -245,12 +292,7 @@ class MoETrainerMixin:
             self._aux_sums.clear()
             self._aux_count = 0
             moe = unwrap_moe(self.model)
-            layer_stats = list(moe.routing_stats().values())
-            if layer_stats and layer_stats[0]["tokens"]:
-                logs["moe/load_cv"] = round(sum(s["load_cv"] for s in layer_stats) / len(layer_stats), 4)
-                logs["moe/dead_experts"] = sum(len(s["dead_experts"]) for s in layer_stats)
-                for key in ("effective_experts", "effective_load"):  # averaged over layers
-                    logs[f"moe/{key}"] = round(sum(s[key] for s in layer_stats) / len(layer_stats), 4)
+            logs.update(self._routing_metrics(""))
             moe.reset_routing_stats()
             if moe.moe_config.skip_nonfinite:
                 logs["moe/skipped_steps"] = self.step_monitor.skipped  # since the last log

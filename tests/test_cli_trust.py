@@ -8,6 +8,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from moetune import demo
 from moetune.cli import main
@@ -215,3 +217,47 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(root, capsys) -> N
     assert err.startswith("moetune merge: error: ") and "merging needs one routed expert per layer" in err
     assert not (root / "merged2").exists()
     assert main(["merge", "--adapter", "one/adapter", "merged"]) == 2  # exists: --overwrite
+
+
+def test_validation_during_training_and_the_best_checkpoint(root, capsys) -> None:
+    """eval_strategy: steps with a validation split: a loss per task, their mean as eval_loss, the
+    routing of the validation tokens, and load_best_model_at_end keeps the best step's adapter."""
+    training = (
+        ", max_steps: 4, learning_rate: 0.05, eval_strategy: steps, eval_steps: 1, save_strategy: steps, "
+        "save_steps: 1, load_best_model_at_end: true, logging_steps: 1"
+    )
+    rows = [{"prompt": f"what is {i} + 1", "response": str(i + 1), "task": "add"} for i in range(10)]
+    with open(root / "train.jsonl", "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(root, data="train: [train.jsonl], validation_split: 0.25", training=training)
+    assert train(config, "--output-dir", "out") == 0
+    err = capsys.readouterr().err
+    assert "data: 7 validation records (add: 2, default: 5)" in err  # round(10 / 4), round(20 / 4)
+    assert "data: 23 training records (add: 8, default: 15)" in err
+    history = json.loads((root / "out" / "metrics.json").read_text())["log_history"]
+    by_step: dict[int, dict] = {}
+    for h in history:
+        if any(k.startswith("eval_") for k in h):
+            by_step.setdefault(h["step"], {}).update(h)
+    assert sorted(by_step) == [1, 2, 3, 4]
+    for h in by_step.values():
+        assert h["eval_loss"] == pytest.approx((h["eval_add_loss"] + h["eval_default_loss"]) / 2)
+        for task in ("add", "default"):  # top-1 routing: one expert per token
+            assert h[f"eval_{task}_moe/effective_experts"] == pytest.approx(1.0)
+            assert 1.0 <= h[f"eval_{task}_moe/effective_load"] <= 2.0
+    best = min(by_step, key=lambda step: by_step[step]["eval_loss"])
+    state = json.loads((root / "out" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_metric"] == pytest.approx(by_step[best]["eval_loss"])
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best}")
+    kept = load_file(root / "out" / "adapter" / "moetune_model.safetensors")
+    at_best = load_file(root / "out" / "checkpoints" / f"checkpoint-{best}" / "moetune_model.safetensors")
+    assert kept.keys() == at_best.keys() and all(torch.equal(kept[k], at_best[k]) for k in kept)
+
+
+def test_eval_strategy_without_validation_data_is_refused(root, capsys, model_loads) -> None:
+    assert train(write_config(root, training=", eval_strategy: steps"), "--output-dir", "out") == 2
+    assert capsys.readouterr().err.strip() == (
+        "moetune train: error: training.eval_strategy='steps' needs validation data: data.validation files "
+        "or data.validation_split"
+    )
+    assert model_loads == []
