@@ -467,6 +467,9 @@ def publish_model(model: nn.Module, tokenizer: Any, out_dir: str) -> None:
     try:
         model.save_pretrained(tmp)
         _write_tokenizer(tokenizer, tmp)
+        for directory, _, files in os.walk(tmp):  # safetensors writes 0600 files whatever the umask
+            for name in files:
+                os.chmod(os.path.join(directory, name), umask_mode(0o666))
         _fsync_tree(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:

@@ -124,10 +124,15 @@ def test_written_files_follow_the_umask(root) -> None:
     old = os.umask(0o022)
     try:
         assert train(write_config(root), "--output-dir", "out") == 0
+        assert main(["export", "--adapter", "out/adapter", "exported"]) == 0  # a Mixtral checkpoint
+        assert main(["convert", "--to", "mixlora", "out/adapter", "mix"]) == 0
     finally:
         os.umask(old)
-    paths = [root / "out"] + [
-        os.path.join(d, name) for d, dirs, files in os.walk(root / "out") for name in dirs + files
+    paths = [root / top for top in ("out", "exported", "mix")] + [
+        os.path.join(d, name)
+        for top in ("out", "exported", "mix")
+        for d, dirs, files in os.walk(root / top)
+        for name in dirs + files
     ]
     modes = {str(p): stat.S_IMODE(os.stat(p).st_mode) for p in paths}
     assert {"adapter", "metrics.json", "report.md"} <= set(os.listdir(root / "out"))
