@@ -224,6 +224,7 @@ data:
   train: [train.jsonl, {path: b.jsonl, task: b, weight: 2}]
   test: test.jsonl
   max_length: 128
+  balance_tasks: true
   options: {b: [positive, negative]}
 training:
   max_steps: 3
