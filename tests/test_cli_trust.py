@@ -266,3 +266,18 @@ def test_eval_strategy_without_validation_data_is_refused(root, capsys, model_lo
         "or data.validation_split"
     )
     assert model_loads == []
+
+
+def test_generate_samples_reproducibly_and_checks_its_options_first(root, capsys, model_loads) -> None:
+    assert train(write_config(root), "--output-dir", "out") == 0
+    capsys.readouterr()
+    loads = len(model_loads)
+    assert main(["generate", "--adapter", "out/adapter", "--prompt", "hi", "--top-p", "0"]) == 2
+    assert "--top-p 0.0: must be in (0, 1]" in capsys.readouterr().err
+    assert len(model_loads) == loads  # refused before loading
+    sample = ["generate", "--adapter", "out/adapter", "--prompt", "hi", "--max-new-tokens", "12"]
+    outputs = []
+    for seed in ("1", "1", "2"):
+        assert main([*sample, "--temperature", "5", "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]  # the seed decides; a hot temperature varies the text
