@@ -104,9 +104,13 @@ def moe_config(opts: dict[str, Any], dropout: float, **extra: Any):
 class Bench:
     """One configuration on one model, ready to time."""
 
-    def __init__(self, model_name: str, config_name: str, batch: int, seq: int, dropout: float) -> None:
+    def __init__(
+        self, model_name: str, config_name: str, batch: int, seq: int, dropout: float, bf16: bool = False
+    ) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.bf16 = bf16  # bf16 autocast around every forward, float32 weights (Trainer's bf16=True)
 
         torch.manual_seed(0)
         shape = MODELS[model_name]
@@ -157,7 +161,14 @@ class Bench:
     def path(self):
         import contextlib
 
-        return self.model.reference_path() if self.reference else contextlib.nullcontext()
+        import torch
+
+        stack = contextlib.ExitStack()
+        if self.reference:
+            stack.enter_context(self.model.reference_path())
+        if self.bf16:
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        return stack
 
     def set_train(self, mode: bool) -> None:
         self.model.train(mode)
@@ -188,7 +199,7 @@ class Bench:
         x = self.mlp_x.detach().requires_grad_(True)
         with self.path():
             y = self.mlp(x)
-            y.backward(self.mlp_grad)
+            y.backward(self.mlp_grad.to(y.dtype))
         for p in self.params:
             p.grad = None
 
@@ -303,7 +314,14 @@ def worker_main(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(spec["threads"])
     try:
-        bench = Bench(spec["model"], spec["config"], spec["batch"], spec["seq"], spec["dropout"])
+        bench = Bench(
+            spec["model"],
+            spec["config"],
+            spec["batch"],
+            spec["seq"],
+            spec["dropout"],
+            spec.get("bf16", False),
+        )
     except Exception as err:  # reported to the parent, which skips this configuration
         send({"error": f"{type(err).__name__}: {err}"})
         return
@@ -492,6 +510,7 @@ def run_model(
         batch=args.batch,
         seq=args.seq,
         dropout=args.lora_dropout,
+        bf16=args.bf16,
         threads=args.threads,
         omp_wait_policy=args.omp_wait_policy,
         keep_freed_memory=args.keep_freed_memory,
@@ -669,7 +688,8 @@ def fmt_t(st: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
-        f"batch {meta['batch']}×{meta['seq']} tokens, {meta['threads']} threads, fp32, lora_dropout "
+        f"batch {meta['batch']}×{meta['seq']} tokens, {meta['threads']} threads, "
+        f"{'bf16 autocast (float32 weights)' if meta.get('bf16') else 'fp32'}, lora_dropout "
         f"{meta['lora_dropout']}, {meta['repeats']} repeats after {meta['warmup']} warm-up, interleaved"
         f"{', OMP_WAIT_POLICY=' + meta['omp_wait_policy'] if meta.get('omp_wait_policy') else ''}"
         f"{', freed memory kept (no page faults after warm-up)' if meta.get('keep_freed_memory') else ''}. "
@@ -805,6 +825,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "maximum, no malloc_trim): after warm-up a command touches no fresh pages, so the times measure "
         "compute without page faults; peak memory is then the heap's high-water mark",
     )
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast around forward and backward, float32 weights (as the Trainer's bf16=True)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 2×64, 1 warm-up, 3 repeats")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--markdown", default=None, help="also write the Markdown table here")
@@ -874,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         threads=args.threads,
         lora_dropout=args.lora_dropout,
+        bf16=args.bf16,
         phases=list(args.phases),
         omp_wait_policy=args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
         keep_freed_memory=args.keep_freed_memory,
