@@ -263,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _train_stages(args, cfg)
         tasks = tasks_from_config(cfg.data)  # bad data fail here, before a model is loaded
         check_run(cfg, args.output_dir, args.overwrite, args.resume)
-        model, tokenizer = demo.load_model(cfg.model)
+        model, tokenizer = demo.load_model(cfg.model, cfg.model_load)
     metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log, resume=args.resume)
     demo.remember_run(args.output_dir, cfg, args)
     accuracy = (
@@ -294,7 +294,7 @@ def _train_stages(args: argparse.Namespace, cfg: Any) -> int:
         raise ValueError(f"{args.config}: --resume continues one training run; this config has stages")
     stage_tasks(cfg)  # bad data fail here, before a model is loaded
     check_run(cfg, args.output_dir, args.overwrite)
-    model, tokenizer = demo.load_model(cfg.model)
+    model, tokenizer = demo.load_model(cfg.model, cfg.model_load)
     run_stages(model, tokenizer, cfg, args.output_dir, log=_log)
     demo.remember_run(args.output_dir, cfg, args)
     _log(f"wrote {os.path.join(args.output_dir, 'report.md')}")

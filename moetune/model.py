@@ -46,6 +46,10 @@ class MoEModel(nn.Module):
     on the same shapes; tested bitwise in float32).
     """
 
+    # transformers' Trainer refuses to fine-tune a quantized model unless trainable adapters are attached
+    # and it recognises them (peft's, or this flag); a MoEModel's experts are such adapters
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: MoEConfig, check_ffn: bool = True) -> None:
         super().__init__()
         self.base_model = model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -227,9 +228,93 @@ class StageConfig:
     )
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZATIONS = {  # name -> the package it needs
+    "bnb-4bit": "bitsandbytes",
+    "bnb-8bit": "bitsandbytes",
+    "torchao-int8": "torchao",
+}
+
+
+@dataclass
+class ModelLoad:
+    """How the base model loads (transformers' from_pretrained): the YAML's `model` as a mapping, with
+    `name_or_path` beside these keys."""
+
+    revision: str | None = field(default=None, metadata={"help": "A Hub branch, tag or commit."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "The base weights' dtype: float32, bfloat16, float16, or auto (the checkpoint's)."},
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "bnb-4bit (QLoRA's NF4, double quantization, bfloat16 compute), bnb-8bit, or "
+            "torchao-int8 (int8 weight-only). The experts stay in full precision."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa, eager, flash_attention_2, ... (default: transformers')."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run code from the model's repository: only for a repository you trust."},
+    )
+
+    def __post_init__(self) -> None:
+        rev = self.revision
+        _require(rev is None or (isinstance(rev, str) and rev != ""), "revision", rev, "must be a string")
+        _require(self.dtype in MODEL_DTYPES, "dtype", self.dtype, f"allowed: {', '.join(MODEL_DTYPES)}")
+        q = self.quantization
+        _require(q is None or q in QUANTIZATIONS, "quantization", q, f"allowed: {', '.join(QUANTIZATIONS)}")
+        attn = self.attn_implementation
+        _require(attn is None or isinstance(attn, str), "attn_implementation", attn, "must be a string")
+        trust = self.trust_remote_code
+        _require(isinstance(trust, bool), "trust_remote_code", trust, "must be true or false")
+
+    def check_installed(self) -> None:
+        """The quantization's package is installed (before a model loads)."""
+        package = QUANTIZATIONS.get(self.quantization or "")
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"model.quantization={self.quantization!r}: needs the {package} package "
+                f"(pip install {package})"
+            )
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            "dtype": "auto" if self.dtype == "auto" else getattr(torch, self.dtype),
+        }
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization in ("bnb-4bit", "bnb-8bit"):
+            from transformers import BitsAndBytesConfig
+
+            four = self.quantization == "bnb-4bit"
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=four,
+                load_in_8bit=not four,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        elif self.quantization == "torchao-int8":
+            from torchao.quantization import Int8WeightOnlyConfig
+            from transformers import TorchAoConfig
+
+            kwargs["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+        return kwargs
+
+
 @dataclass
 class RunConfig:
     model: str = "smollm2"
+    model_load: ModelLoad = field(
+        default_factory=ModelLoad,
+        metadata={"help": "How `model` loads: the YAML's `model` mapping's keys besides name_or_path."},
+    )
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)
@@ -318,6 +403,14 @@ def parse_run_config(raw: Any, where: str = "config") -> RunConfig:
     if data.train and stages:
         raise ConfigError(f"{where}: data.train: with stages, each stage names its training files")
     rest = {k: v for k, v in raw.items() if k not in ("moe", "data", "training", "stages")}
+    if "model_load" in rest:
+        raise ConfigError(f"{where}: model_load: give these keys in the `model` mapping")
+    if isinstance(rest.get("model"), dict):
+        spec = dict(rest["model"])
+        if "name_or_path" not in spec:
+            raise ConfigError(f"{where}: model: missing key 'name_or_path' (a Hub id or a local directory)")
+        rest["model"] = spec.pop("name_or_path")
+        rest["model_load"] = _build(ModelLoad, _strict(ModelLoad, spec, f"{where}: model"), f"{where}: model")
     return _build(
         RunConfig, {"moe": moe, "data": data, "training": training, "stages": stages, **rest}, where
     )
@@ -636,6 +729,7 @@ def prepare_output_dir(path: str, overwrite: bool = False, resume: bool = False)
 def check_run(cfg: RunConfig, output_dir: str, overwrite: bool = False, resume: bool = False) -> None:
     """Everything about a training run that can be checked before a model loads: the output directory,
     the TrainingArguments (strategies, report_to integrations), a checkpoint for `resume`."""
+    cfg.model_load.check_installed()
     args = training_arguments(cfg, output_dir)
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if args.eval_strategy != "no" and not has_validation:

@@ -53,9 +53,9 @@ def model_loads(monkeypatch) -> list[str]:
     loaded: list[str] = []
     load = demo.load_model
 
-    def counting(name: str = "smollm2"):
+    def counting(name: str = "smollm2", *args):
         loaded.append(os.path.basename(name))
-        return load(name)
+        return load(name, *args)
 
     monkeypatch.setattr(demo, "load_model", counting)
     return loaded
@@ -281,3 +281,108 @@ def test_generate_samples_reproducibly_and_checks_its_options_first(root, capsys
         assert main([*sample, "--temperature", "5", "--seed", seed]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] != outputs[2]  # the seed decides; a hot temperature varies the text
+
+
+def _hub_cache(root, repo_id: str) -> dict[str, str]:
+    """The tiny model saved as transformers' Hub cache holds a download: HF_HOME/hub/models--org--name/
+    snapshots/<commit>/ and refs/main; the environment that makes transformers read it offline."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(root / "tiny-llama", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_hub_model_in_bf16_from_the_yaml_and_eval_finds_it(root) -> None:
+    """`model: {name_or_path: <Hub id>, dtype: bfloat16}` loads through transformers from its cache
+    (HF_HUB_OFFLINE=1), and `moetune eval` later loads the same base the same way."""
+    import subprocess
+    import sys
+
+    env = _hub_cache(root, "moetune-test/tiny-llama")
+    config = (root / write_config(root)).read_text()
+    config = config.replace(
+        "model: tiny-llama", "model: {name_or_path: moetune-test/tiny-llama, dtype: bfloat16}"
+    )
+    (root / "hub.yaml").write_text(config)
+    run = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((root / "out" / "adapter" / demo.RUN_FILE).read_text())
+    assert record["model"] == "moetune-test/tiny-llama" and record["model_load"]["dtype"] == "bfloat16"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "moetune", "eval", "--adapter", "out/adapter"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert set(json.loads(evaluated.stdout)) == {"default"}
+
+
+def test_model_mapping_errors_are_one_line(root, capsys, model_loads) -> None:
+    cases = {
+        "{name_or_path: tiny-llama, dtype: float8}": "model: dtype='float8': allowed: float32, bfloat16",
+        "{name_or_path: tiny-llama, quantization: gptq}": "model: quantization='gptq': allowed: bnb-4bit",
+        "{dtype: bfloat16}": "model: missing key 'name_or_path'",
+        "{name_or_path: tiny-llama, revison: main}": "model: unknown key(s) ['revison']",
+        "/nowhere/model": "model '/nowhere/model': no such local model directory",
+    }
+    for model, expected in cases.items():
+        text = (root / write_config(root)).read_text().replace("model: tiny-llama", f"model: {model}")
+        (root / "m.yaml").write_text(text)
+        assert train("m.yaml", "--output-dir", "out") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (model, err)
+
+
+def test_a_torchao_int8_base_from_the_yaml(root, capsys) -> None:
+    pytest.importorskip("torchao")
+    text = (root / write_config(root)).read_text()
+    text = text.replace("model: tiny-llama", "model: {name_or_path: tiny-llama, quantization: torchao-int8}")
+    (root / "q.yaml").write_text(text)
+    assert train("q.yaml", "--output-dir", "out") == 0
+    record = json.loads((root / "out" / "adapter" / demo.RUN_FILE).read_text())
+    assert record["model_load"]["quantization"] == "torchao-int8"
+    assert main(["eval", "--adapter", "out/adapter"]) == 0
+
+
+def test_a_bitsandbytes_4bit_base_from_the_yaml(root) -> None:
+    """QLoRA's NF4 with double quantization; bitsandbytes' CPU kernels need widths of 64 and more."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    wide = LlamaForCausalLM(LlamaConfig(**shape, head_dim=16, num_hidden_layers=2, vocab_size=128))
+    wide.save_pretrained(root / "wide-llama")
+    tiny_chat_tokenizer().save_pretrained(root / "wide-llama")
+    text = (root / write_config(root)).read_text()
+    text = text.replace("model: tiny-llama", "model: {name_or_path: wide-llama, quantization: bnb-4bit}")
+    (root / "q.yaml").write_text(text)
+    assert train("q.yaml", "--output-dir", "out") == 0
+    assert main(["eval", "--adapter", "out/adapter"]) == 0
+
+
+@pytest.mark.parametrize("name", ["sft.yaml", "continual.yaml", "hub-bf16.yaml", "qlora.yaml"])
+def test_every_example_config_parses(name) -> None:
+    from moetune.run import load_run_config
+
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    cfg = load_run_config(os.path.join(examples, name))
+    for src in cfg.data.train + cfg.data.test + [s for st in cfg.stages for s in st.data.train]:
+        assert os.path.isfile(src.path), src.path  # paths from the YAML's folder
+    if name == "qlora.yaml":
+        assert cfg.model_load.quantization == "bnb-4bit" and cfg.training["learning_rate"] == 2e-4
+    if name == "hub-bf16.yaml":
+        assert cfg.model == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model_load.dtype == "bfloat16"

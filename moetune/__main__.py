@@ -1,0 +1,7 @@
+"""`python -m moetune ...`: the `moetune` command, also under `torchrun -m` and `accelerate launch -m`."""
+
+import sys
+
+from moetune.cli import main
+
+sys.exit(main())
