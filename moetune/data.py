@@ -99,9 +99,14 @@ def to_example(record: Any, where: str = "record", default_task: str = "default"
         raise DataError(
             f"{where}: expected an object with prompt/response or messages, got {type(record).__name__}"
         )
+    if "conversations" in record:  # ShareGPT: {from: system/human/gpt, value}
+        record = {**record, "messages": _sharegpt_messages(record.pop("conversations"), where)}
+        record = {k: v for k, v in record.items() if k != "conversations"}
     unknown = sorted(set(record) - KNOWN_KEYS, key=str)
     if unknown:
-        raise DataError(f"{where}: unknown fields {unknown}; allowed {sorted(KNOWN_KEYS)}")
+        raise DataError(
+            f"{where}: unknown fields {unknown}; allowed {sorted(KNOWN_KEYS | {'conversations'})}"
+        )
     task = record.get("task") or default_task
     if not isinstance(task, str):
         raise DataError(f"{where}: task must be a string, got {task!r}")
@@ -136,16 +141,37 @@ def to_example(record: Any, where: str = "record", default_task: str = "default"
     return Example((*system, ("user", str(prompt)), ("assistant", str(response))), task)
 
 
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+def _sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
+    ok = isinstance(turns, list) and all(isinstance(t, dict) and {"from", "value"} <= set(t) for t in turns)
+    if not ok:
+        raise DataError(f"{where}: conversations must be a list of {{from, value}} objects (ShareGPT)")
+    bad = sorted({str(t["from"]) for t in turns} - set(SHAREGPT_ROLES))
+    if bad:
+        raise DataError(f"{where}: conversations: unknown speakers {bad}; allowed {sorted(SHAREGPT_ROLES)}")
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
 def load_examples(
-    source: str | os.PathLike | Iterable[dict[str, Any]], default_task: str = "default"
+    source: str | os.PathLike | Iterable[dict[str, Any]],
+    default_task: str = "default",
+    where: str | None = None,
 ) -> list[Example]:
     """Examples from a file path, a list of dicts or a `datasets.Dataset` (errors count records from 1)."""
     if isinstance(source, (str, os.PathLike)):
         where, records = os.fspath(source), read_records(source)
     else:
-        where, records = "dataset", list(source)
+        where, records = where or "dataset", list(source)
         if not records:
-            raise DataError("dataset: no records")
+            raise DataError(f"{where}: no records")
     return [to_example(r, f"{where} record {i}", default_task) for i, r in enumerate(records, 1)]
 
 

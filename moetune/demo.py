@@ -284,7 +284,7 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
     held_out = [
         {
             **dataclasses.asdict(src),
-            "path": os.path.abspath(src.path),
+            "path": src.path and os.path.abspath(src.path),
             "options": {**cfg.data.options, **d.options},
         }
         for d in (cfg.data, *(stage.data for stage in cfg.stages))
@@ -404,7 +404,7 @@ def load_adapter_run(
     else:
         cfg = load_run_config(record["config"])
         datas = [cfg.data, *(stage.data for stage in cfg.stages)]
-        for src in [s for data in datas for s in (*data.train, *data.test)]:
+        for src in [s for data in datas for s in (*data.train, *data.test) if s.path is not None]:
             src.path = os.path.join(record.get("cwd") or "", src.path)  # relative to where training ran
         if cfg.stages:
             from moetune.stages import stage_tasks

@@ -33,7 +33,7 @@ from moetune import stats
 from moetune.callbacks import SaveOnInterrupt, TrainingInterrupted
 from moetune.checkpoints import last_complete_checkpoint
 from moetune.config import MoEConfig, short_repr
-from moetune.data import DataError, Example, deduplicate, encode, load_examples, mix
+from moetune.data import KNOWN_KEYS, DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.evaluation import EvalItem, evaluate
 from moetune.model import MoEModel, get_moe_model
 from moetune.serialization import atomic_write_text
@@ -63,7 +63,28 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class DataSource:
-    path: str = field(metadata={"help": "A .jsonl/.json/.csv file of prompt/response or messages records."})
+    path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jsonl/.json/.csv file of prompt/response, messages, Alpaca or ShareGPT records."
+        },
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of a file: a dataset through datasets.load_dataset (a Hub id, or a local "
+            "directory, also one written by save_to_disk), in the same record formats."
+        },
+    )
+    config: str | None = field(default=None, metadata={"help": "With dataset: its configuration (subset)."})
+    split: str = field(default="train", metadata={"help": "With dataset: the split to read."})
+    columns: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "With dataset: its columns renamed to moetune's record keys, e.g. {question: prompt, "
+            "answer: response}; columns that are no record key are ignored."
+        },
+    )
     task: str | None = field(default=None, metadata={"help": "Task name for records without a task field."})
     weight: float = field(default=1.0, metadata={"help": "Sampling weight of this task in the mixture."})
     only_tasks: list[str] | None = field(
@@ -71,22 +92,80 @@ class DataSource:
     )
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.path, str) and self.path != "", "path", self.path, "must be a file path")
+        _require(
+            (self.path is None) != (self.dataset is None),
+            "path",
+            self.path,
+            "give a path (a file) or a dataset (a Hub id or a dataset directory), one of them",
+        )
+        for key in ("path", "dataset", "config"):
+            value = getattr(self, key)
+            _require(
+                value is None or (isinstance(value, str) and value != ""), key, value, "must be a string"
+            )
+        _require(
+            isinstance(self.split, str) and self.split != "", "split", self.split, "must be a split name"
+        )
+        cols = self.columns
+        ok = cols is None or (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values()))
+        _require(ok, "columns", cols, "must map dataset columns to record keys")
         _require(self.task is None or isinstance(self.task, str), "task", self.task, "must be a string")
         _require(_is_number(self.weight) and self.weight > 0, "weight", self.weight, "must be a number > 0")
         only = self.only_tasks
         ok = only is None or (isinstance(only, list) and bool(only) and all(isinstance(t, str) for t in only))
         _require(ok, "only_tasks", only, "must be a non-empty list of task names")
 
+    @property
+    def where(self) -> str:
+        return self.path or f"dataset {self.dataset}" + (f" ({self.config})" if self.config else "")
+
     def examples(self) -> list[Example]:
-        """The file's examples (of `only_tasks`, if given)."""
-        examples = load_examples(self.path, default_task=self.task or "default")
+        """The file's or dataset's examples (of `only_tasks`, if given)."""
+        source = self.path if self.path is not None else dataset_records(self)
+        examples = load_examples(source, default_task=self.task or "default", where=self.where)
         if self.only_tasks is None:
             return examples
         kept = [ex for ex in examples if ex.task in self.only_tasks]
         if not kept:
             raise DataError(f"{self.path}: no record of the tasks {self.only_tasks}")
         return kept
+
+
+def dataset_records(src: DataSource) -> list[dict[str, Any]]:
+    """The records of `src.dataset`'s split: columns renamed by `src.columns`, those that are no record
+    key dropped (Hub datasets carry extra columns, e.g. Alpaca's `text`)."""
+    import datasets
+
+    name = src.dataset
+    try:
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+            data = datasets.load_from_disk(name)[src.split]
+        elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_info.json")):
+            data = datasets.load_from_disk(name)
+        else:
+            try:
+                data = datasets.load_dataset(name, src.config, split=src.split)
+            except ConnectionError:  # offline (HF_HUB_OFFLINE): the Hub cache's snapshot, if there is one
+                from huggingface_hub import snapshot_download
+
+                local = snapshot_download(name, repo_type="dataset", local_files_only=True)
+                data = datasets.load_dataset(local, src.config, split=src.split)
+    except KeyError:
+        splits = list(datasets.load_from_disk(name))
+        raise DataError(f"{src.where}: no split {src.split!r}; it has {splits}") from None
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        if "split" in message.lower():
+            raise DataError(f"{src.where}: split={src.split!r}: {message[:300]}") from None
+        raise DataError(f"{src.where}: {message[:300]}") from None
+    except (OSError, FileNotFoundError) as err:
+        raise DataError(f"{src.where}: cannot load it ({' '.join(str(err).split())[:300]})") from None
+    columns = src.columns or {}
+    missing = sorted(set(columns) - set(data.column_names))
+    if missing:
+        raise DataError(f"{src.where}: columns {missing} not in the dataset; it has {data.column_names}")
+    keys = KNOWN_KEYS | {"conversations"}
+    return [{columns.get(k, k): v for k, v in row.items() if columns.get(k, k) in keys} for row in data]
 
 
 @dataclass
@@ -181,7 +260,7 @@ class DataConfig:
         _require(options_ok, "options", self.options, "must map each task to a list of answer strings")
         if not self.balance_tasks:
             _require(size is None, "train_size", size, "needs balance_tasks: true (or leave it out)")
-            weighted = [src.path for src in self.train if src.weight != 1.0]
+            weighted = [src.where for src in self.train if src.weight != 1.0]
             _require(not weighted, "weight", weighted, "of a training file needs balance_tasks: true")
         split = self.validation_split
         ok = _is_number(split) and 0 <= split < 1
@@ -517,8 +596,11 @@ def resolve_paths(cfg: RunConfig, folder: str) -> None:
     """Relative paths in a YAML are from the YAML's folder, wherever the command runs: every data file,
     and the model when that folder holds a directory of its name (else it stays a name: the demo's)."""
     for data in (cfg.data, *(stage.data for stage in cfg.stages)):
-        for src in (*data.train, *data.test):
-            src.path = os.path.normpath(os.path.join(folder, src.path))
+        for src in (*data.train, *data.test, *data.validation):
+            if src.path is not None:
+                src.path = os.path.normpath(os.path.join(folder, src.path))
+            elif not os.path.isabs(src.dataset) and os.path.isdir(os.path.join(folder, src.dataset)):
+                src.dataset = os.path.normpath(os.path.join(folder, src.dataset))
     if not os.path.isabs(cfg.model) and os.path.isdir(os.path.join(folder, cfg.model)):
         cfg.model = os.path.normpath(os.path.join(folder, cfg.model))
 

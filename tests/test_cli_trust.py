@@ -386,3 +386,98 @@ def test_every_example_config_parses(name) -> None:
         assert cfg.model_load.quantization == "bnb-4bit" and cfg.training["learning_rate"] == 2e-4
     if name == "hub-bf16.yaml":
         assert cfg.model == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model_load.dtype == "bfloat16"
+
+
+ALPACA = [
+    {"instruction": f"Review: {w} film {i}", "input": "", "output": w, "text": "..."}
+    for i in range(6)
+    for w in WORDS
+]
+
+
+def test_datasets_in_every_record_format(root) -> None:
+    """A local dataset directory (save_to_disk) in Alpaca format with an extra column, a ShareGPT file,
+    a column mapping: each becomes the same kind of example, the loss on the answer."""
+    import datasets
+
+    from moetune.run import DataSource
+
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(root / "alpaca-ds"))
+    alpaca = DataSource(dataset=str(root / "alpaca-ds")).examples()
+    assert len(alpaca) == 12 and alpaca[0].messages == (
+        ("user", "Review: good film 0"),
+        ("assistant", "good"),
+    )
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "hello"},
+            ]
+        }
+    ]
+    (root / "sharegpt.jsonl").write_text(json.dumps(sharegpt[0]) + "\n")
+    (ex,) = DataSource(path=str(root / "sharegpt.jsonl")).examples()
+    assert ex.messages == (("system", "Be brief."), ("user", "hi"), ("assistant", "hello"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([{"q": "2 + 2", "a": "4", "id": 7}])}
+    ).save_to_disk(str(root / "qa-ds"))
+    (ex,) = DataSource(dataset=str(root / "qa-ds"), columns={"q": "prompt", "a": "response"}).examples()
+    assert ex.messages == (("user", "2 + 2"), ("assistant", "4"))
+
+
+def test_dataset_mistakes_are_one_line(root, capsys, model_loads) -> None:
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA)}).save_to_disk(str(root / "ds"))
+    datasets.Dataset.from_list([{"question_text": "a", "reply": "b"}]).save_to_disk(str(root / "odd"))
+    (root / "bad.jsonl").write_text(json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n")
+    capsys.readouterr()  # the datasets' progress bars
+    cases = {
+        "train: [{dataset: ds, split: validation}]": "no split 'validation'; it has ['train']",
+        "train: [{dataset: ds, columns: {question: prompt}}]": "columns ['question'] not in the dataset",
+        "train: [{dataset: odd}]": "needs a prompt (prompt/instruction/question) and a response",
+        "train: [bad.jsonl]": "conversations: unknown speakers ['bot']",
+    }
+    for data, expected in cases.items():
+        assert train(write_config(root, data=data), "--output-dir", "out") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (data, err)
+    assert "no split 'validation'; it has ['train']" in _one_error(
+        root, capsys, "train: [{dataset: ds, split: validation}]"
+    )
+    assert model_loads == []
+
+
+def _one_error(root, capsys, data: str) -> str:
+    assert train(write_config(root, data=data), "--output-dir", "out") == 2
+    return capsys.readouterr().err
+
+
+def test_a_hub_dataset_in_alpaca_format_from_the_cache(root) -> None:
+    """`dataset: org/name` under HF_HUB_OFFLINE=1: read from the Hub cache's snapshot, as downloaded."""
+    import subprocess
+    import sys
+
+    env = _hub_cache(root, "moetune-test/tiny-llama")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hf" / "hub" / "datasets--moetune-test--tiny-alpaca"
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    rows = "".join(json.dumps(r) + "\n" for r in ALPACA)
+    (repo / "snapshots" / commit / "data" / "train.jsonl").write_text(rows)
+    config = write_config(root, data="train: [{dataset: moetune-test/tiny-alpaca, task: reviews}]")
+    text = (root / config).read_text().replace("model: tiny-llama", "model: moetune-test/tiny-llama")
+    (root / "hub.yaml").write_text(text)
+    run = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "data: 12 training records (reviews: 12)" in run.stderr

@@ -196,7 +196,7 @@ BAD_INPUTS = {
     "data source without path": (
         "data: {train: [{task: a}]}",
         {},
-        "c.yaml: data.train: missing key(s) ['path']",
+        "c.yaml: data.train: path=None: give a path (a file) or a dataset",
     ),
     "data source path not a string": ("data: {train: [{path: 3}]}", {}, "c.yaml: data.train: path=3"),
     "weight not a number": (
