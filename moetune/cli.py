@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moetune import demo
-    from moetune.run import check_run, load_run_config, train_and_evaluate
+    from moetune.run import check_run, launched_rank, load_run_config, train_and_evaluate
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("moe_") and v is not None}
     if args.config is None:
@@ -265,6 +265,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_run(cfg, args.output_dir, args.overwrite, args.resume)
         model, tokenizer = demo.load_model(cfg.model, cfg.model_load)
     metrics = train_and_evaluate(model, tokenizer, cfg, tasks, args.output_dir, log=_log, resume=args.resume)
+    if launched_rank() != 0:
+        return 0
     demo.remember_run(args.output_dir, cfg, args)
     accuracy = (
         f"mean accuracy {100 * metrics['mean_before']:.1f} -> {100 * metrics['mean_after']:.1f}"
@@ -471,7 +473,8 @@ def _refuse_existing(dst: str, overwrite: bool) -> None:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one log under torchrun / accelerate launch
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

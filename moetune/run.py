@@ -808,9 +808,15 @@ def prepare_output_dir(path: str, overwrite: bool = False, resume: bool = False)
             os.remove(target)
 
 
+def launched_rank() -> int:
+    """This process's rank under torchrun or accelerate launch (their RANK variable); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_run(cfg: RunConfig, output_dir: str, overwrite: bool = False, resume: bool = False) -> None:
     """Everything about a training run that can be checked before a model loads: the output directory,
-    the TrainingArguments (strategies, report_to integrations), a checkpoint for `resume`."""
+    the TrainingArguments (strategies, report_to integrations), a checkpoint for `resume`. Under a
+    multi-process launch only rank 0 clears an output directory for --overwrite."""
     cfg.model_load.check_installed()
     args = training_arguments(cfg, output_dir)
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
@@ -825,7 +831,8 @@ def check_run(cfg: RunConfig, output_dir: str, overwrite: bool = False, resume: 
         training_arguments(dataclasses.replace(cfg, training={**cfg.training, **stage.training}), output_dir)
     if resume and last_complete_checkpoint(os.path.join(output_dir, "checkpoints")) is None:
         raise ConfigError(f"--resume: no complete checkpoint in {os.path.join(output_dir, 'checkpoints')}")
-    prepare_output_dir(output_dir, overwrite, resume)
+    if launched_rank() == 0:
+        prepare_output_dir(output_dir, overwrite, resume)
 
 
 def training_arguments(cfg: RunConfig, output_dir: str) -> TrainingArguments:
@@ -994,7 +1001,8 @@ def train_and_evaluate(
 
     mixture = training_mixture(cfg, tasks, log)
     trainer, train_seconds = fit(moe, tokenizer, cfg, mixture, output_dir, log, resume, tasks.validation)
-    moe.save_pretrained(os.path.join(output_dir, "adapter"))
+    main_process = trainer.is_world_process_zero()  # under torchrun / accelerate: the one that writes
+    moe.save_pretrained(os.path.join(output_dir, "adapter"), is_main_process=main_process)
     log("accuracy after fine-tuning:")
     after = evaluate_tasks(moe, tokenizer, tasks.test, log, by_task=cfg.routes_by_task)
     moe.reset_routing_stats()
@@ -1013,6 +1021,8 @@ def train_and_evaluate(
     }
     metrics["mean_before"] = _mean(metrics["before"].values())
     metrics["mean_after"] = _mean(metrics["after"].values())
+    if not main_process:
+        return metrics
     atomic_write_text(os.path.join(output_dir, "metrics.json"), strict_json(metrics))
     if after["routing"]:
         plot_routing(after["routing"], os.path.join(output_dir, "routing.png"))

@@ -481,3 +481,67 @@ def test_a_hub_dataset_in_alpaca_format_from_the_cache(root) -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "data: 12 training records (reviews: 12)" in run.stderr
+
+
+def test_torchrun_two_processes_train_what_one_process_trains(root) -> None:
+    """`torchrun --nproc_per_node 2 -m moetune train` (CPU, gloo) with 2 rows per process against one
+    process with 4: the same global batches (a sequential sampler), plain SGD, no balance losses (those
+    are per-process means), so the adapters agree to float rounding (tests/test_distributed.py: 1e-6).
+    One output directory, written by rank 0."""
+    import subprocess
+    import sys
+
+    def config(per_device: int) -> str:
+        name = f"ddp{per_device}.yaml"
+        (root / name).write_text(
+            "model: tiny-llama\n"
+            "moe: {num_experts: 2, top_k: 1, r: 2, lora_dropout: 0.0, aux_loss_coef: 0.0, "
+            "z_loss_coef: 0.0}\n"
+            "data: {train: [train.jsonl], max_length: 16}\n"
+            f"training: {{per_device_train_batch_size: {per_device}, num_train_epochs: 1, optim: sgd, "
+            "learning_rate: 0.5, max_grad_norm: 0.0, train_sampling_strategy: sequential, "
+            "disable_tqdm: true}\n"
+        )
+        return name
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", config(4), "--output-dir", "one"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "moetune",
+            "train",
+            config(2),
+            "--output-dir",
+            "two",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("training on 20 examples") == 1  # rank 0 logs
+    a = load_file(root / "one" / "adapter" / "moetune_model.safetensors")
+    b = load_file(root / "two" / "adapter" / "moetune_model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
+    assert moved > 1e-3  # training changed the experts (B starts at zero)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    steps = json.loads((root / "two" / "metrics.json").read_text())["log_history"][-1]["step"]
+    assert steps == 5  # 20 records, global batch 4
