@@ -113,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--base", default=None, help="the base model directory (default: the one the adapter records)"
     )
+    ev.add_argument(
+        "--harness",
+        default=None,
+        metavar="TASKS",
+        help="score with lm-eval-harness instead: its comma-separated TASKS and metrics, the adapter passed "
+        "to its Python API (pip install 'moetune[eval]'); prints its results as JSON",
+    )
+    ev.add_argument(
+        "--include-path", default=None, help="--harness: a folder of your own lm-eval task definitions"
+    )
+    ev.add_argument(
+        "--task", default=None, help="--harness: route every token as this task of the adapter does"
+    )
+    ev.add_argument("--batch-size", type=int, default=8, help="--harness: lm-eval's batch size (default: 8)")
     ev.add_argument("--all-experts", action="store_true", help=ALL_EXPERTS_HELP)
 
     about_stats = "routing statistics of an adapter on held-out items: tables, routing.png, task_expert.png"
@@ -320,6 +334,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moetune import demo
     from moetune.run import evaluate_tasks
 
+    if args.harness is not None:
+        return _harness(args)
+    if args.task is not None or args.include_path is not None:
+        raise ValueError("--task and --include-path go with --harness")
     model, tokenizer, tasks = demo.load_adapter_run(
         args.adapter, test_per_task=args.test_per_task, data=args.data, base=args.base
     )
@@ -327,6 +345,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.adapter}: no test items to score (the run had no test data): give --data")
     result = evaluate_tasks(model, tokenizer, tasks.test, _log, by_task=_by_task(model, tasks, args))
     print(json.dumps({t: r["accuracy"] for t, r in result["accuracy"].items()}, indent=2))
+    return 0
+
+
+def _harness(args: argparse.Namespace) -> int:
+    """lm-eval-harness on the adapter: its own tasks, prompts and metrics (loglikelihood and generation
+    requests go through the moetune model, so routing and task restriction apply)."""
+    import importlib.util
+
+    from moetune import demo
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--harness needs lm-eval-harness: pip install 'moetune[eval]'")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"--include-path {args.include_path}: no such directory")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = [t.strip() for t in args.harness.split(",") if t.strip()]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--harness: unknown lm-eval task(s) {unknown} (add --include-path for your own)")
+    model, tokenizer, _ = demo.load_adapter_run(args.adapter, test_per_task=0, base=args.base)
+    if args.task is not None and args.task not in model.tasks:
+        raise ValueError(f"--task {args.task!r}: the adapter's tasks are {model.tasks}")
+    routed = model.use_tasks([args.task]) if args.task is not None else contextlib.nullcontext()
+    with routed:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=False)
+    print(json.dumps(results["results"], indent=2, default=str))
     return 0
 
 

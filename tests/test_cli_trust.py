@@ -545,3 +545,80 @@ def test_torchrun_two_processes_train_what_one_process_trains(root) -> None:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
     steps = json.loads((root / "two" / "metrics.json").read_text())["log_history"][-1]["step"]
     assert steps == 5  # 20 records, global batch 4
+
+
+def _mc_task(root, items, tokenizer) -> str:
+    """A local lm-eval multiple-choice task over `items`, written as moetune scores options: the chat
+    prompt as the context, each option with the end of turn as a choice, no delimiter between."""
+    from moetune.data import end_of_turn, prompt_text
+
+    end = end_of_turn(tokenizer)
+    rows = [
+        {
+            "prompt": prompt_text(tokenizer, it.example.messages[:-1]),
+            "choices": [o + end for o in it.options],
+            "gold": it.options.index(it.example.response),
+        }
+        for it in items
+    ]
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "lm-tasks").mkdir(exist_ok=True)
+    (root / "lm-tasks" / "mc.yaml").write_text(
+        "task: moetune_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {root / 'mc.jsonl'}}}}}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{prompt}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: gold\n"
+        'target_delimiter: ""\n'
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    return str(root / "lm-tasks")
+
+
+def test_lm_eval_harness_scores_items_as_moetune_does(root, capsys) -> None:
+    """lm-eval on a local multiple-choice task gives, item for item, moetune's own option
+    log-likelihood verdicts (a random adapter, so that they vary); `moetune eval --harness` runs it."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    import moetune
+    from moetune.data import Example
+    from moetune.evaluation import EvalItem, score_items
+
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(0)
+    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(num_experts=2, top_k=1, r=2))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    options = ("good", "bad", "fine")
+    items = [
+        EvalItem(Example((("user", f"Review {i}: {w} film"), ("assistant", w))), options)
+        for i in range(12)
+        for w in options
+    ]
+    ours = score_items(model, tokenizer, items)
+    tasks = _mc_task(root, items, tokenizer)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    out = simple_evaluate(
+        model=lm, tasks=["moetune_mc"], task_manager=TaskManager(include_path=tasks), log_samples=True
+    )
+    theirs = {s["doc_id"]: bool(s["acc"]) for s in out["samples"]["moetune_mc"]}
+    assert [theirs[i] for i in range(len(items))] == ours
+    assert 0 < sum(ours) < len(ours)
+
+    assert train(write_config(root), "--output-dir", "out") == 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", "out/adapter", "--harness", "moetune_mc", "--include-path", tasks]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert 0.0 <= results["moetune_mc"]["acc,none"] <= 1.0
+    assert (
+        main(["eval", "--adapter", "out/adapter", "--harness", "no_such_task", "--include-path", tasks]) == 2
+    )
+    assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err
