@@ -374,18 +374,22 @@ def test_a_bitsandbytes_4bit_base_from_the_yaml(root) -> None:
     assert main(["eval", "--adapter", "out/adapter"]) == 0
 
 
-@pytest.mark.parametrize("name", ["sft.yaml", "continual.yaml", "hub-bf16.yaml", "qlora.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sft.yaml", "continual.yaml", "hub-bf16.yaml", "qlora.yaml", "hub-alpaca.yaml", "multi-gpu.yaml"]
+)
 def test_every_example_config_parses(name) -> None:
     from moetune.run import load_run_config
 
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
     cfg = load_run_config(os.path.join(examples, name))
     for src in cfg.data.train + cfg.data.test + [s for st in cfg.stages for s in st.data.train]:
-        assert os.path.isfile(src.path), src.path  # paths from the YAML's folder
+        assert src.dataset or os.path.isfile(src.path), src.path  # paths from the YAML's folder
     if name == "qlora.yaml":
         assert cfg.model_load.quantization == "bnb-4bit" and cfg.training["learning_rate"] == 2e-4
     if name == "hub-bf16.yaml":
         assert cfg.model == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model_load.dtype == "bfloat16"
+    if name == "hub-alpaca.yaml":
+        assert cfg.data.train[0].dataset == "tatsu-lab/alpaca" and cfg.data.validation_split == 0.02
 
 
 ALPACA = [
@@ -622,3 +626,35 @@ def test_lm_eval_harness_scores_items_as_moetune_does(root, capsys) -> None:
         main(["eval", "--adapter", "out/adapter", "--harness", "no_such_task", "--include-path", tasks]) == 2
     )
     assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err
+
+
+def test_missing_packages_and_remote_code_are_one_line(root, capsys, monkeypatch, model_loads) -> None:
+    import importlib.util
+
+    # a model whose config names its own code (auto_map): refused unless trust_remote_code
+    custom = root / "custom-model"
+    custom.mkdir()
+    (custom / "config.json").write_text(
+        json.dumps({"model_type": "my-own", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}})
+    )
+    text = (root / write_config(root)).read_text().replace("model: tiny-llama", "model: custom-model")
+    (root / "remote.yaml").write_text(text)
+    assert train("remote.yaml", "--output-dir", "out") == 2
+    assert "set model.trust_remote_code: true if you trust that repository" in capsys.readouterr().err
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("bitsandbytes", "lm_eval") else real(name, *a),
+    )
+    text = (root / write_config(root)).read_text()
+    (root / "q.yaml").write_text(
+        text.replace("model: tiny-llama", "model: {name_or_path: tiny-llama, quantization: bnb-8bit}")
+    )
+    loads = len(model_loads)
+    assert train("q.yaml", "--output-dir", "out") == 2
+    assert "model.quantization='bnb-8bit': needs the bitsandbytes package" in capsys.readouterr().err
+    assert main(["eval", "--adapter", "nowhere", "--harness", "arc_easy"]) == 2
+    assert "--harness needs lm-eval-harness: pip install 'moetune[eval]'" in capsys.readouterr().err
+    assert len(model_loads) == loads
