@@ -2,6 +2,6 @@
 
 import sys
 
-from moetune.cli import main
+from moetune.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -227,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
 
 
+def keep_freed_memory() -> None:
+    """glibc (Linux): keep freed memory in the process instead of returning it to the system, so a CPU
+    training step reuses its pages instead of faulting fresh ones in: the same as MALLOC_MMAP_MAX_=0 and
+    MALLOC_TRIM_THRESHOLD_ at its maximum, which made training steps 11-28% faster (README)."""
+    if sys.platform != "linux" or os.environ.get("MOETUNE_KEEP_FREED_MEMORY", "1") == "0":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl...): leave the allocator alone
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def entry() -> int:
+    """The `moetune` command and `python -m moetune`: `main` with the allocator tuned for training."""
+    keep_freed_memory()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input, 1 NaN/inf in training, 130 interrupted (Ctrl-C)."""
     for name in QUIET_LOGGERS:
@@ -343,7 +366,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if not tasks.test:
         raise ValueError(f"{args.adapter}: no test items to score (the run had no test data): give --data")
-    result = evaluate_tasks(model, tokenizer, tasks.test, _log, by_task=_by_task(model, tasks, args))
+    precision = demo.recorded_autocast(args.adapter)
+    by_task = _by_task(model, tasks, args)
+    result = evaluate_tasks(model, tokenizer, tasks.test, _log, by_task=by_task, autocast=precision)
     print(json.dumps({t: r["accuracy"] for t, r in result["accuracy"].items()}, indent=2))
     return 0
 

@@ -24,7 +24,7 @@ from typing import Any
 from moetune.config import MoEConfig
 from moetune.data import Example
 from moetune.evaluation import EvalItem
-from moetune.run import CURATED_DATA, ConfigError, DataConfig, ModelLoad, RunConfig, Tasks
+from moetune.run import CURATED_DATA, ConfigError, DataConfig, ModelLoad, RunConfig, Tasks, autocast_dtype
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune"))
@@ -71,6 +71,7 @@ DEFAULT_TRAINING = dict(
     weight_decay=0.0,
     logging_steps=10,
     dataloader_drop_last=False,
+    bf16=True,  # autocast, float32 weights: bf16 GEMMs are about 2x faster on CPUs with AVX512-BF16
 )
 
 
@@ -267,7 +268,7 @@ def config(seed: int = 0) -> RunConfig:
     return RunConfig(
         model="smollm2",
         moe=MoEConfig(**DEFAULT_MOE),
-        data=DataConfig(max_length=192, **CURATED_DATA),
+        data=DataConfig(max_length=192, padding_free=True, **CURATED_DATA),
         training=dict(DEFAULT_TRAINING),
         seed=seed,
     )
@@ -300,6 +301,7 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
         "test_per_task": getattr(args, "test_per_task", None),
         "held_out": held_out,  # the test files (absolute) and their options: eval needs nothing else
         "model_load": dataclasses.asdict(cfg.model_load),
+        "autocast": autocast_dtype(cfg.training),  # eval scores as training did
     }
     atomic_write_text(os.path.join(output_dir, "adapter", RUN_FILE), json.dumps(record, indent=2))
 
@@ -320,6 +322,15 @@ def base_model_of(adapter: str, record: dict[str, Any] | None, extras: dict[str,
         f"{adapter}: cannot find its base model {name!r} (named by {source}): it is neither the demo "
         "model 'smollm2', a local model directory nor a Hub id; give --base"
     )
+
+
+def recorded_autocast(adapter: str) -> str | None:
+    """The mixed precision the adapter's run trained and scored in (its run record), else None."""
+    run_file = os.path.join(adapter, RUN_FILE)
+    if not os.path.isfile(run_file):
+        return None
+    with open(run_file, encoding="utf-8") as fh:
+        return json.load(fh).get("autocast")
 
 
 def recorded_load(adapter: str) -> ModelLoad:

@@ -686,11 +686,23 @@ def held_out_items(
     return test
 
 
+def autocast_dtype(training: dict[str, Any]) -> str | None:
+    """The mixed precision a run trains in (TrainingArguments' bf16 / fp16), which its evaluation uses
+    too, as the Trainer's own evaluation would: "bfloat16", "float16" or None."""
+    return "bfloat16" if training.get("bf16") else "float16" if training.get("fp16") else None
+
+
 def evaluate_tasks(
-    model, tokenizer, test: dict[str, list[EvalItem]], log: Callable[[str], None], by_task: bool = False
+    model,
+    tokenizer,
+    test: dict[str, list[EvalItem]],
+    log: Callable[[str], None],
+    by_task: bool = False,
+    autocast: str | None = None,
 ) -> dict:
     """Per task: accuracy with its 95% interval, and the routing statistics of that task's items.
-    `by_task`: each task's items run under `model.use_tasks([task])` (a task the model knows)."""
+    `by_task`: each task's items run under `model.use_tasks([task])` (a task the model knows).
+    `autocast`: "bfloat16" / "float16" evaluates under torch.autocast (`autocast_dtype`)."""
     results, routing = {}, {}
     for task, items in test.items():
         start = time.time()
@@ -699,7 +711,11 @@ def evaluate_tasks(
             model.reset_routing_stats()
             if by_task:
                 routed = model.use_tasks([known_task(model, task)])
-        with routed:
+        device = next(model.parameters()).device.type
+        precision = (
+            torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+        )
+        with routed, precision:
             results[task] = evaluate(model, tokenizer, items)
         if isinstance(model, MoEModel):
             routing[task] = model.routing_stats()
@@ -993,7 +1009,8 @@ def train_and_evaluate(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     log("accuracy before fine-tuning:")
-    before = evaluate_tasks(model, tokenizer, tasks.test, log)
+    precision = autocast_dtype(cfg.training)
+    before = evaluate_tasks(model, tokenizer, tasks.test, log, autocast=precision)
     torch.manual_seed(cfg.seed)
     moe = get_moe_model(model, cfg.moe)
     trainable, total = moe.get_nb_trainable_parameters()
@@ -1004,7 +1021,7 @@ def train_and_evaluate(
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate: the one that writes
     moe.save_pretrained(os.path.join(output_dir, "adapter"), is_main_process=main_process)
     log("accuracy after fine-tuning:")
-    after = evaluate_tasks(moe, tokenizer, tasks.test, log, by_task=cfg.routes_by_task)
+    after = evaluate_tasks(moe, tokenizer, tasks.test, log, by_task=cfg.routes_by_task, autocast=precision)
     moe.reset_routing_stats()
     metrics = {
         "before": {t: r["accuracy"] for t, r in before["accuracy"].items()},

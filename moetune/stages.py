@@ -27,6 +27,7 @@ from moetune.run import (
     ConfigError,
     RunConfig,
     Tasks,
+    autocast_dtype,
     check_held_out,
     evaluate_tasks,
     fit,
@@ -90,10 +91,14 @@ def evaluate_stage(moe: MoEModel, tokenizer, cfg: RunConfig, test, log: Callable
     if cfg.routes_by_task:  # tasks whose experts come in a later stage are not evaluated this way yet
         log("  with task routing:")
         known = {task: items for task, items in test.items() if task in moe.tasks}
-        result["task_routed"] = evaluate_tasks(moe, tokenizer, known, log, by_task=True)["accuracy"]
+        result["task_routed"] = evaluate_tasks(
+            moe, tokenizer, known, log, by_task=True, autocast=autocast_dtype(cfg.training)
+        )["accuracy"]
     if not cfg.routes_by_task or (len(moe.tasks) > 1 and moe.moe_config.task_routing == "none"):
         log("  every expert open to every token:")
-        result["all_experts"] = evaluate_tasks(moe, tokenizer, test, log)["accuracy"]
+        result["all_experts"] = evaluate_tasks(
+            moe, tokenizer, test, log, autocast=autocast_dtype(cfg.training)
+        )["accuracy"]
     return result
 
 
@@ -106,7 +111,7 @@ def run_stages(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     log("accuracy before fine-tuning:")
-    before = evaluate_tasks(model, tokenizer, test, log)["accuracy"]
+    before = evaluate_tasks(model, tokenizer, test, log, autocast=autocast_dtype(cfg.training))["accuracy"]
     torch.manual_seed(cfg.seed)
     moe = get_moe_model(model, cfg.moe)
     stages = []
