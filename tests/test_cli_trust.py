@@ -658,3 +658,16 @@ def test_missing_packages_and_remote_code_are_one_line(root, capsys, monkeypatch
     assert main(["eval", "--adapter", "nowhere", "--harness", "arc_easy"]) == 2
     assert "--harness needs lm-eval-harness: pip install 'moetune[eval]'" in capsys.readouterr().err
     assert len(model_loads) == loads
+
+
+def test_a_bf16_run_is_scored_in_bf16_and_eval_recomputes_it(root, capsys) -> None:
+    """training.bf16: the Trainer's autocast, and the before/after scoring under the same autocast;
+    `moetune eval` reads the precision from the run record and gives the same accuracies."""
+    config = write_config(root, training=", bf16: true, learning_rate: 0.05")
+    assert train(config, "--output-dir", "out") == 0
+    record = json.loads((root / "out" / "adapter" / demo.RUN_FILE).read_text())
+    assert record["autocast"] == "bfloat16"
+    capsys.readouterr()
+    assert main(["eval", "--adapter", "out/adapter"]) == 0
+    after = json.loads((root / "out" / "metrics.json").read_text())["after"]
+    assert json.loads(capsys.readouterr().out) == after
