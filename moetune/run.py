@@ -33,7 +33,18 @@ from moetune import stats
 from moetune.callbacks import SaveOnInterrupt, TrainingInterrupted
 from moetune.checkpoints import last_complete_checkpoint
 from moetune.config import MoEConfig, short_repr
-from moetune.data import KNOWN_KEYS, DataError, Example, deduplicate, encode, load_examples, mix
+from moetune.data import (
+    KNOWN_KEYS,
+    PROMPT_KEYS,
+    RESPONSE_KEYS,
+    DataError,
+    Example,
+    deduplicate,
+    encode,
+    load_examples,
+    mix,
+    read_records,
+)
 from moetune.evaluation import EvalItem, evaluate
 from moetune.model import MoEModel, get_moe_model
 from moetune.serialization import atomic_write_text
@@ -61,6 +72,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# record format -> the keys its records must have (one of each group)
+RECORD_FORMATS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "prompt_response": (PROMPT_KEYS, RESPONSE_KEYS),
+    "messages": (("messages",),),
+    "alpaca": (("instruction",), ("output",)),
+    "sharegpt": (("conversations",),),
+}
+
+
 @dataclass
 class DataSource:
     path: str | None = field(
@@ -85,6 +105,14 @@ class DataSource:
             "answer: response}; columns that are no record key are ignored."
         },
     )
+    format: str | None = field(
+        default=None,
+        metadata={
+            "help": "The records' format, checked on every record: prompt_response, messages, alpaca "
+            "(instruction/input/output) or sharegpt (conversations of from/value); null: told apart by "
+            "their keys."
+        },
+    )
     task: str | None = field(default=None, metadata={"help": "Task name for records without a task field."})
     weight: float = field(default=1.0, metadata={"help": "Sampling weight of this task in the mixture."})
     only_tasks: list[str] | None = field(
@@ -106,6 +134,8 @@ class DataSource:
         _require(
             isinstance(self.split, str) and self.split != "", "split", self.split, "must be a split name"
         )
+        fmt = self.format
+        _require(fmt is None or fmt in RECORD_FORMATS, "format", fmt, f"allowed: {', '.join(RECORD_FORMATS)}")
         cols = self.columns
         ok = cols is None or (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values()))
         _require(ok, "columns", cols, "must map dataset columns to record keys")
@@ -121,13 +151,22 @@ class DataSource:
 
     def examples(self) -> list[Example]:
         """The file's or dataset's examples (of `only_tasks`, if given)."""
-        source = self.path if self.path is not None else dataset_records(self)
-        examples = load_examples(source, default_task=self.task or "default", where=self.where)
+        records = read_records(self.path) if self.path is not None else dataset_records(self)
+        if self.format is not None:
+            needed = RECORD_FORMATS[self.format]
+            for i, record in enumerate(records, 1):
+                if not (isinstance(record, dict) and all(any(k in record for k in keys) for keys in needed)):
+                    have = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(
+                        f"{self.where} record {i}: format={self.format!r} needs the keys "
+                        f"{' and '.join('/'.join(keys) for keys in needed)}; it has {have}"
+                    )
+        examples = load_examples(records, default_task=self.task or "default", where=self.where)
         if self.only_tasks is None:
             return examples
         kept = [ex for ex in examples if ex.task in self.only_tasks]
         if not kept:
-            raise DataError(f"{self.path}: no record of the tasks {self.only_tasks}")
+            raise DataError(f"{self.where}: no record of the tasks {self.only_tasks}")
         return kept
 
 

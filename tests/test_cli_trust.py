@@ -429,6 +429,13 @@ def test_datasets_in_every_record_format(root) -> None:
     ).save_to_disk(str(root / "qa-ds"))
     (ex,) = DataSource(dataset=str(root / "qa-ds"), columns={"q": "prompt", "a": "response"}).examples()
     assert ex.messages == (("user", "2 + 2"), ("assistant", "4"))
+    # a declared format is checked on every record
+    assert len(DataSource(dataset=str(root / "alpaca-ds"), format="alpaca").examples()) == 12
+    assert len(DataSource(path=str(root / "sharegpt.jsonl"), format="sharegpt").examples()) == 1
+    with pytest.raises(ValueError, match=r"record 1: format='alpaca' needs the keys instruction and output"):
+        DataSource(path=str(root / "sharegpt.jsonl"), format="alpaca").examples()
+    with pytest.raises(ValueError, match=r"format='csv': allowed: prompt_response, messages, alpaca"):
+        DataSource(path="x.jsonl", format="csv")
 
 
 def test_dataset_mistakes_are_one_line(root, capsys, model_loads) -> None:
