@@ -547,7 +547,9 @@ def _refuse_existing(dst: str, overwrite: bool) -> None:
 
 
 def _log(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # one log under torchrun / accelerate launch
+    from moetune.run import launched_rank
+
+    if launched_rank() == 0:  # one log under torchrun / accelerate launch
         print(message, file=sys.stderr, flush=True)
 
 

@@ -24,7 +24,17 @@ from typing import Any
 from moetune.config import MoEConfig
 from moetune.data import Example
 from moetune.evaluation import EvalItem
-from moetune.run import CURATED_DATA, ConfigError, DataConfig, ModelLoad, RunConfig, Tasks, autocast_dtype
+from moetune.run import (
+    CURATED_DATA,
+    ConfigError,
+    DataConfig,
+    DataSource,
+    ModelLoad,
+    RunConfig,
+    Tasks,
+    autocast_dtype,
+    held_out_items,
+)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune"))
@@ -324,23 +334,24 @@ def base_model_of(adapter: str, record: dict[str, Any] | None, extras: dict[str,
     )
 
 
-def recorded_autocast(adapter: str) -> str | None:
-    """The mixed precision the adapter's run trained and scored in (its run record), else None."""
+def run_record(adapter: str) -> dict[str, Any] | None:
+    """The run record `moetune train` wrote beside the adapter (`RUN_FILE`), None without one."""
     run_file = os.path.join(adapter, RUN_FILE)
     if not os.path.isfile(run_file):
         return None
     with open(run_file, encoding="utf-8") as fh:
-        return json.load(fh).get("autocast")
+        return json.load(fh)
+
+
+def recorded_autocast(adapter: str) -> str | None:
+    """The mixed precision the adapter's run trained and scored in (its run record), else None."""
+    return (run_record(adapter) or {}).get("autocast")
 
 
 def recorded_load(adapter: str) -> ModelLoad:
     """How the adapter's base loaded in training (dtype, quantization...): its run record's, else the
     defaults."""
-    run_file = os.path.join(adapter, RUN_FILE)
-    if not os.path.isfile(run_file):
-        return ModelLoad()
-    with open(run_file, encoding="utf-8") as fh:
-        return ModelLoad(**json.load(fh).get("model_load", {}))
+    return ModelLoad(**(run_record(adapter) or {}).get("model_load", {}))
 
 
 def recorded_base(adapter: str) -> str:
@@ -348,12 +359,16 @@ def recorded_base(adapter: str) -> str:
     from moetune.serialization import read_config
 
     _, extras = read_config(adapter)
-    run_file = os.path.join(adapter, RUN_FILE)
-    record = None
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as fh:
-            record = json.load(fh)
-    return base_model_of(adapter, record, extras)
+    return base_model_of(adapter, run_record(adapter), extras)
+
+
+def _held_out(sources: list[tuple[DataSource, dict[str, list[str]]]]) -> dict[str, list[EvalItem]]:
+    """Per task, the items of (DataSource, options) pairs: each source scored on its own options."""
+    test: dict[str, list[EvalItem]] = {}
+    for src, options in sources:
+        for task, items in held_out_items(DataConfig(test=[src], options=options)).items():
+            test.setdefault(task, []).extend(items)
+    return test
 
 
 def load_adapter_run(
@@ -369,28 +384,21 @@ def load_adapter_run(
     where the run record has them), else the run's own test data, which need the run record.
     """
     from moetune.model import MoEModel
-    from moetune.run import DataSource, held_out_items, load_run_config
+    from moetune.run import load_run_config
     from moetune.serialization import read_config
 
     if not os.path.isdir(adapter):
         raise MissingAsset(f"{adapter}: not an adapter: no such directory")
     _, extras = read_config(adapter)
-    run_file = os.path.join(adapter, RUN_FILE)
-    record = None
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as fh:
-            record = json.load(fh)
-    elif test_per_task != 0 and not data:
+    record = run_record(adapter)
+    if record is None and test_per_task != 0 and not data:
         raise MissingAsset(
-            f"{run_file}: no run record, so the held-out data of this adapter's run are unknown: give test "
-            "files (--data)"
+            f"{os.path.join(adapter, RUN_FILE)}: no run record, so the held-out data of this adapter's run "
+            "are unknown: give test files (--data)"
         )
-    if data:
+    if data:  # read before the model loads: a bad file fails first
         options = {k: v for entry in (record or {}).get("held_out", []) for k, v in entry["options"].items()}
-        test = {}
-        for path in data:
-            for ex in DataSource(path).examples():
-                test.setdefault(ex.task, []).append(EvalItem(ex, tuple(options.get(ex.task, ()))))
+        test = _held_out([(DataSource(path), options) for path in data])
     load = ModelLoad(**record.get("model_load", {})) if record else ModelLoad()
     model, tokenizer = load_model(base or base_model_of(adapter, record, extras), load)
     moe = MoEModel.from_pretrained(model, adapter)
@@ -399,12 +407,8 @@ def load_adapter_run(
     elif record is None or test_per_task == 0:
         tasks = Tasks({}, {})
     elif "held_out" in record and not record["demo"]:
-        test = {}
-        for entry in record["held_out"]:
-            src = DataSource(**{k: v for k, v in entry.items() if k != "options"})
-            for ex in src.examples():
-                test.setdefault(ex.task, []).append(EvalItem(ex, tuple(entry["options"].get(ex.task, ()))))
-        tasks = Tasks({}, test)
+        entries = [({k: v for k, v in e.items() if k != "options"}, e["options"]) for e in record["held_out"]]
+        tasks = Tasks({}, _held_out([(DataSource(**src), options) for src, options in entries]))
     elif record["demo"]:
         n_test = (
             test_per_task if test_per_task is not None else record["test_per_task"] or DEFAULT_TEST_PER_TASK

@@ -743,6 +743,7 @@ def evaluate_tasks(
     `by_task`: each task's items run under `model.use_tasks([task])` (a task the model knows).
     `autocast`: "bfloat16" / "float16" evaluates under torch.autocast (`autocast_dtype`)."""
     results, routing = {}, {}
+    device = next(model.parameters()).device.type
     for task, items in test.items():
         start = time.time()
         routed = contextlib.nullcontext()
@@ -750,7 +751,6 @@ def evaluate_tasks(
             model.reset_routing_stats()
             if by_task:
                 routed = model.use_tasks([known_task(model, task)])
-        device = next(model.parameters()).device.type
         precision = (
             torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,37 +298,27 @@ def _hub_cache(root, repo_id: str) -> dict[str, str]:
     return {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1"}
 
 
+def python(root, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    """`python ARGV` in a fresh process in `root` (HF_HUB_OFFLINE and the like are read at import)."""
+    return subprocess.run(
+        [sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def test_a_hub_model_in_bf16_from_the_yaml_and_eval_finds_it(root) -> None:
     """`model: {name_or_path: <Hub id>, dtype: bfloat16}` loads through transformers from its cache
     (HF_HUB_OFFLINE=1), and `moetune eval` later loads the same base the same way."""
-    import subprocess
-    import sys
-
     env = _hub_cache(root, "moetune-test/tiny-llama")
     config = (root / write_config(root)).read_text()
     config = config.replace(
         "model: tiny-llama", "model: {name_or_path: moetune-test/tiny-llama, dtype: bfloat16}"
     )
     (root / "hub.yaml").write_text(config)
-    run = subprocess.run(
-        [sys.executable, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = python(root, env, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out")
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((root / "out" / "adapter" / demo.RUN_FILE).read_text())
     assert record["model"] == "moetune-test/tiny-llama" and record["model_load"]["dtype"] == "bfloat16"
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "moetune", "eval", "--adapter", "out/adapter"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    evaluated = python(root, env, "-m", "moetune", "eval", "--adapter", "out/adapter")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert set(json.loads(evaluated.stdout)) == {"default"}
 
@@ -468,9 +460,6 @@ def _one_error(root, capsys, data: str) -> str:
 
 def test_a_hub_dataset_in_alpaca_format_from_the_cache(root) -> None:
     """`dataset: org/name` under HF_HUB_OFFLINE=1: read from the Hub cache's snapshot, as downloaded."""
-    import subprocess
-    import sys
-
     env = _hub_cache(root, "moetune-test/tiny-llama")
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / "hf" / "hub" / "datasets--moetune-test--tiny-alpaca"
@@ -482,14 +471,7 @@ def test_a_hub_dataset_in_alpaca_format_from_the_cache(root) -> None:
     config = write_config(root, data="train: [{dataset: moetune-test/tiny-alpaca, task: reviews}]")
     text = (root / config).read_text().replace("model: tiny-llama", "model: moetune-test/tiny-llama")
     (root / "hub.yaml").write_text(text)
-    run = subprocess.run(
-        [sys.executable, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = python(root, env, "-m", "moetune", "train", "hub.yaml", "--output-dir", "out")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "data: 12 training records (reviews: 12)" in run.stderr
 
@@ -499,8 +481,6 @@ def test_torchrun_two_processes_train_what_one_process_trains(root) -> None:
     process with 4: the same global batches (a sequential sampler), plain SGD, no balance losses (those
     are per-process means), so the adapters agree to float rounding (tests/test_distributed.py: 1e-6).
     One output directory, written by rank 0."""
-    import subprocess
-    import sys
 
     def config(per_device: int) -> str:
         name = f"ddp{per_device}.yaml"
@@ -516,35 +496,10 @@ def test_torchrun_two_processes_train_what_one_process_trains(root) -> None:
         return name
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "moetune", "train", config(4), "--output-dir", "one"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = python(root, env, "-m", "moetune", "train", config(4), "--output-dir", "one")
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "moetune",
-            "train",
-            config(2),
-            "--output-dir",
-            "two",
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launch = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moetune")
+    two = python(root, env, *launch, "train", config(2), "--output-dir", "two")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("training on 20 examples") == 1  # rank 0 logs
     a = load_file(root / "one" / "adapter" / "moetune_model.safetensors")
