@@ -8,9 +8,9 @@ intervals, the demo's training hyper-parameters, `--epochs` passes over each tas
   moetune-expand        moetune E=4 for A; then `add_experts(4, task="sentiment", freeze_existing=True)`
                         and B trained with task ids (B's tokens route among B's experts); evaluated
                         task-routed (each task's items under use_tasks([task])) and with all experts open
-moetune runs through `moetune.stages.run_stages` (the code behind `moetune train` with `stages:`), from
+moetune runs through `moetune.app.stages.run_stages` (the code behind `moetune train` with `stages:`), from
 JSONL files of the demo's examples; peft through a plain transformers Trainer on the same examples, order
-and TrainingArguments (`moetune.run.trainer_inputs`).
+and TrainingArguments (`moetune.app.run.trainer_inputs`).
 
     python benchmarks/continual.py --out continual.json --markdown continual.md      # ~45 min on 2 cores
     python benchmarks/continual.py --train-per-task 16 --test-per-task 8 --epochs 1   # smoke test
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from moetune import demo
-from moetune.run import (
+from moetune.app import demo
+from moetune.app.run import (
     CURATED_DATA,
     AddExperts,
     DataConfig,
@@ -43,7 +43,7 @@ from moetune.run import (
     trainer_inputs,
     training_mixture,
 )
-from moetune.stages import run_stages
+from moetune.app.stages import run_stages
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from outputs import write_outputs  # noqa: E402

@@ -193,7 +193,7 @@ def load_model_and_splits(proto: dict[str, Any]):
             proto["train_per_task"], proto["val_per_task"], proto["test_per_task"]
         )
         return model, tokenizer, splits
-    from moetune import demo
+    from moetune.app import demo
 
     model, tokenizer = demo.load_model(proto["model"])
     splits = multitask_data.build_splits(
@@ -253,8 +253,7 @@ def run_one(
     and score every validation item; the test items are scored from the saved adapter (`score_test`)."""
     from transformers import Trainer
 
-    from moetune.model import get_moe_model
-    from moetune.run import (
+    from moetune.app.run import (
         CURATED_DATA,
         DataConfig,
         RunConfig,
@@ -263,6 +262,7 @@ def run_one(
         trainer_inputs,
         training_mixture,
     )
+    from moetune.model import get_moe_model
 
     method = get_method(name)
     model, tokenizer, splits = load_model_and_splits(proto)
@@ -340,9 +340,9 @@ def score_test(name: str, lr: float, seed: int, proto: dict[str, Any], adapter_d
 def score(model, tokenizer, splits, method: Method, split: str) -> dict[str, Any]:
     """Per task, each item's correctness as a string of 0/1 (`{split: {task: "0110..."}}`), and for a
     MoE model its routing health over the split's items (`routing`, `routing_split`)."""
-    from moetune.evaluation import score_items
+    from moetune.app.evaluation import score_items
+    from moetune.core.stats import merge
     from moetune.model import MoEModel
-    from moetune.stats import merge
 
     result: dict[str, Any] = {split: {}}
     routing = []

@@ -22,9 +22,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetune import demo
-from moetune.data import Example
-from moetune.evaluation import EvalItem
+from moetune.app import demo
+from moetune.app.data import Example
+from moetune.app.evaluation import EvalItem
 
 HELD_ASIDE = ("spell_backward", "word_sequence_reversal", "chain_sum", "letter_counting")
 

@@ -10,8 +10,8 @@ arithmetic, 95% Wilson intervals):
   moetune-e8         the demo's MoE-LoRA: E=8 top-2 r=8 `ffn` experts, its balance losses and bias
 Both LoRAs sit on the modules moetune adapts in the demo: the MLP projections (gate, up, down); the
 demo puts no LoRA on attention (attn_r=0). LoRA dropout is the demo's. moetune trains through the
-demo's path (`moetune.run.train_and_evaluate`, MoETrainer); peft through a plain transformers Trainer
-built from the same inputs (`moetune.run.trainer_inputs`: the same mixture, order, TrainingArguments).
+demo's path (`moetune.app.run.train_and_evaluate`, MoETrainer); peft through a plain transformers Trainer
+built from the same inputs (`moetune.app.run.trainer_inputs`: the same mixture, order, TrainingArguments).
 Each configuration runs in its own process, one after the other.
 
     python benchmarks/quality.py --out quality.json --markdown quality.md        # full: ~1 h on 2 cores
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from moetune import demo
-from moetune.run import RunConfig, evaluate_tasks, train_and_evaluate, trainer_inputs, training_mixture
+from moetune.app import demo
+from moetune.app.run import RunConfig, evaluate_tasks, train_and_evaluate, trainer_inputs, training_mixture
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from outputs import write_outputs  # noqa: E402

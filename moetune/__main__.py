@@ -2,6 +2,6 @@
 
 import sys
 
-from moetune.cli import entry
+from moetune.app.cli import entry
 
 sys.exit(entry())

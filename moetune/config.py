@@ -255,7 +255,7 @@ class MoEConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        from moetune.serialization import atomic_write_text
+        from moetune.io.adapter import atomic_write_text
 
         data = self.to_dict() | (extra or {})
         atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))

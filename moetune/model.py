@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moetune import losses, stats
-from moetune.checkpointing import AuxTap, tap_gradient
 from moetune.config import MoEConfig
-from moetune.injection import inject
-from moetune.layers import (
+from moetune.core import losses, stats
+from moetune.core.checkpointing import AuxTap, tap_gradient
+from moetune.core.injection import inject
+from moetune.core.layers import (
     ADAPTER_MODULES,
     RoutedLayer,
     RouterRecord,
@@ -151,7 +151,7 @@ class MoEModel(nn.Module):
     def _tap_if_detached(self, records: list[RouterRecord]) -> AuxTap | None:
         """Reentrant activation checkpointing runs the first forward without autograd, so its balance
         losses have no graph: the layers then recompute theirs in backward and attach them to their
-        outputs (moetune.checkpointing), each router's share weighted as in `weighted_aux_loss`."""
+        outputs (moetune.core.checkpointing), each router's share weighted as in `weighted_aux_loss`."""
         if all(r.grad_enabled for r in records) or not (self.training and torch.is_grad_enabled()):
             return None
         with_contrastive = records[0].expert_outputs is not None
@@ -168,7 +168,7 @@ class MoEModel(nn.Module):
         """transformers' activation checkpointing, non-reentrant unless asked otherwise (`options`, e.g.
         `every_n_layers`, go to the base model). The reentrant variant back-propagates a block only
         through its inputs: they are made to require grad (the embeddings' output), and the balance
-        losses reach the routers through `moetune.checkpointing`. transformers before 5.x names it
+        losses reach the routers through `moetune.core.checkpointing`. transformers before 5.x names it
         `gradient_checkpointing_enable`, which is called there."""
         kwargs = {"use_reentrant": False} | (activation_checkpointing_kwargs or {})
         base = self.base_model
@@ -259,7 +259,7 @@ class MoEModel(nn.Module):
     def weighted_aux_loss(self) -> Tensor:
         """sum_l coef_l * loss_l of the last forward (what `out.loss` adds). After a forward that routed
         without autograd (reentrant checkpointing) its gradient is handed to the layers' recomputed
-        losses in backward (moetune.checkpointing)."""
+        losses in backward (moetune.core.checkpointing)."""
         aux = self.aux_losses()
         terms = self._weighted_terms(aux)
         if terms:
@@ -464,8 +464,8 @@ class MoEModel(nn.Module):
     def merge_and_unload(self, task: str | Sequence[str] | None = None) -> nn.Module:
         """Merge the adapter into the base weights and return the plain base model (peft's name), where
         every layer's mixture is the same for every token (`task`: as under `use_tasks(task)`); otherwise
-        a `moetune.merge.MergeError` naming the layer, the model unchanged. See `moetune.merge`."""
-        from moetune.merge import merge_and_unload
+        a `moetune.core.merge.MergeError` naming the layer, the model unchanged. See `moetune.core.merge`."""
+        from moetune.core.merge import merge_and_unload
 
         return merge_and_unload(self, task)
 
@@ -498,7 +498,7 @@ class MoEModel(nn.Module):
         """Adapter only: `moetune_config.json` and `moetune_model.safetensors`. A model sharded by FSDP2 or
         DeepSpeed ZeRO-3 is gathered first: every rank must call this; those with `is_main_process`
         (transformers' name) write the files."""
-        from moetune.serialization import save_adapter
+        from moetune.io.adapter import save_adapter
 
         save_adapter(self, save_directory, write=is_main_process)
 
@@ -509,10 +509,10 @@ class MoEModel(nn.Module):
         """Inject the saved adapter into `model` and load its weights (frozen unless is_trainable).
 
         Checksums, tensor names and shapes are verified. A base whose fingerprint differs from the one
-        the adapter was trained on (`moetune.provenance`) warns; with `strict=True` it is an error
+        the adapter was trained on (`moetune.io.provenance`) warns; with `strict=True` it is an error
         (`BaseMismatchError`), as is an adapter that records no fingerprint.
         """
-        from moetune.serialization import load_adapter
+        from moetune.io.adapter import load_adapter
 
         return load_adapter(cls, model, path, is_trainable=is_trainable, strict=strict)
 

@@ -13,7 +13,7 @@
 - FSDP2 through `accelerate launch` with examples/accelerate/fsdp2.yaml, and DeepSpeed ZeRO-2/3 with
   examples/deepspeed/zero{2,3}.json under torchrun (skipped without deepspeed), each on one GPU (one
   process: the code paths, not the communication, which tests/test_distributed.py and
-  tests/test_deepspeed.py check with 2 CPU processes): 5 steps of tests/ddp_worker.py, the adapter
+  tests/test_deepspeed.py check with 2 CPU processes): 5 steps of tests/helpers/ddp_worker.py, the adapter
   saved by `trainer.save_model`, a resume from the checkpoint of step 3, all equal to the same run on
   the CPU without sharding (1e-4: GPU and CPU kernels round differently; a mis-scaled loss is ~1e-2 off).
 """
@@ -34,12 +34,12 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import moetune
-from moetune.serialization import WEIGHTS_NAME, adapter_state_dict
-from moetune.training import MoETrainer
-from tests import ddp_worker
-from tests.test_distributed import DIST_ENV_PREFIXES, _max_diff
-from tests.test_equivalence import _max_rel_error, randomize_, run
-from tests.tiny_models import tiny_batch, tiny_model
+from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
+from moetune.train.trainer import MoETrainer
+from tests.core.test_equivalence import _max_rel_error, randomize_, run
+from tests.helpers import ddp_worker
+from tests.helpers.tiny_models import tiny_batch, tiny_model
+from tests.train.test_distributed import DIST_ENV_PREFIXES, _max_diff
 
 pytestmark = [
     pytest.mark.cuda,
@@ -219,8 +219,8 @@ def _launch(cmd: list[str], env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def cpu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter before ("init") and after ("trained") tests/ddp_worker.py's `plain:4:1:0` run in this
-    process on the CPU."""
+    """The adapter before ("init") and after ("trained") tests/helpers/ddp_worker.py's `plain:4:1:0` run
+    in this process on the CPU."""
     out = tmp_path_factory.mktemp("cpu") / "plain-b4-ga1-log0" / "rank0"
     ddp_worker.main([str(out.parent.parent), "plain:4:1:0"])
     return {
@@ -246,7 +246,7 @@ def _check_run(run_dir: Path, cpu: dict[str, dict[str, torch.Tensor]], wrapped: 
 def test_fsdp2_through_accelerate_on_one_gpu(tmp_path: Path, cpu_reference) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"), "--num_processes", "1"]
-    cmd += ["--mixed_precision", "no", str(ROOT / "tests" / "ddp_worker.py"), "--cuda"]
+    cmd += ["--mixed_precision", "no", str(ROOT / "tests" / "helpers" / "ddp_worker.py"), "--cuda"]
     _launch([*cmd, str(tmp_path), "resume-plain:4:1:0"], {})
     _check_run(tmp_path / "resume-plain-b4-ga1-log0", cpu_reference, "FSDPMoEModel")
 
@@ -255,6 +255,6 @@ def test_fsdp2_through_accelerate_on_one_gpu(tmp_path: Path, cpu_reference) -> N
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_on_one_gpu(tmp_path: Path, cpu_reference, stage: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone"]
-    cmd += [str(ROOT / "tests" / "ddp_worker.py"), "--deepspeed", "--cuda"]
+    cmd += [str(ROOT / "tests" / "helpers" / "ddp_worker.py"), "--deepspeed", "--cuda"]
     _launch([*cmd, str(tmp_path), f"{stage}/resume-plain:4:1:0"], {})
     _check_run(tmp_path / f"zero{stage}-resume-plain-b4-ga1-log0", cpu_reference, "DeepSpeedEngine")

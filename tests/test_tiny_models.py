@@ -5,34 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:  # works whether or not tests/ is a package
-    from tests.tiny_models import (
-        ALL_FAMILIES,
-        BERT_NUM_LABELS,
-        CAUSAL_FAMILIES,
-        LLAVA_IMAGE_TOKEN_ID,
-        LLAVA_IMAGE_TOKENS,
-        PAD_TOKEN_ID,
-        VOCAB,
-        family_of,
-        tiny_batch,
-        tiny_llava_batch,
-        tiny_model,
-    )
-except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
-    from tiny_models import (
-        ALL_FAMILIES,
-        BERT_NUM_LABELS,
-        CAUSAL_FAMILIES,
-        LLAVA_IMAGE_TOKEN_ID,
-        LLAVA_IMAGE_TOKENS,
-        PAD_TOKEN_ID,
-        VOCAB,
-        family_of,
-        tiny_batch,
-        tiny_llava_batch,
-        tiny_model,
-    )
+from tests.helpers.tiny_models import (
+    ALL_FAMILIES,
+    BERT_NUM_LABELS,
+    CAUSAL_FAMILIES,
+    LLAVA_IMAGE_TOKEN_ID,
+    LLAVA_IMAGE_TOKENS,
+    PAD_TOKEN_ID,
+    VOCAB,
+    family_of,
+    tiny_batch,
+    tiny_llava_batch,
+    tiny_model,
+)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

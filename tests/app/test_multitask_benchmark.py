@@ -1,0 +1,185 @@
+"""benchmarks/multitask.py: the --quick run writes a well-formed table and JSON; the protocol's pieces
+(learning-rate choice on validation only, the grid's extension, the paired bootstrap, balanced splits)
+by hand."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
+)
+
+
+if BENCHMARKS not in sys.path:  # the benchmark scripts import each other by module name
+    sys.path.insert(0, BENCHMARKS)
+multitask = importlib.import_module("multitask")
+multitask_data = importlib.import_module("multitask_data")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("multitask"))
+    assert multitask.main(["--quick", "--results-dir", out]) == 0
+    with open(os.path.join(out, "multitask.json"), encoding="utf-8") as fh:
+        data = json.load(fh)
+    with open(os.path.join(out, "multitask.md"), encoding="utf-8") as fh:
+        table = fh.read()
+    return out, data, table
+
+
+def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
+    out, data, table = quick_results
+    methods = list(multitask.QUICK_METHODS)
+    summary = data["summary"]
+    assert set(summary["methods"]) == set(methods)
+    assert summary["best_baseline"] in ("lora-r16", "dora-r16")
+    tasks = list(multitask_data.TOY_TASKS)
+    for run in data["runs"]:  # every run: its configuration, seed, rate, per-item results and times
+        assert {
+            "method",
+            "lr",
+            "seed",
+            "protocol_id",
+            "commit",
+            "trainable_parameters",
+            "step_seconds",
+        } <= set(run)
+        assert list(run["val"]) == tasks
+        chosen = summary["methods"].get(run["method"], {}).get("lr") == run["lr"]
+        if chosen or run["method"].startswith("scale-"):  # the test split: read only where reported
+            assert list(run["test"]) == tasks
+            assert all(set(s) <= {"0", "1"} and len(s) == 8 for s in run["test"].values())
+        else:
+            assert "test" not in run
+        adapter = f"lr{run['lr']:g}-seed{run['seed']}"
+        assert os.path.isdir(os.path.join(out, "adapters", run["method"], adapter))
+        assert ("lora" in run) != ("moe" in run)
+        assert run["steps"] == 2
+    for name in methods:
+        row = summary["methods"][name]
+        grid = [r["lr"] for r in data["runs"] if r["method"] == name and r["seed"] == 0]
+        assert {0.0005, 0.001, 0.002} <= set(grid)
+        assert row["seeds"] == [
+            0,
+            1,
+            2,
+        ]  # the quick run has fewer than three moetune candidates: all get seeds
+        assert 0.0 <= row["test_mean"] <= 1.0 and set(row["test_by_task"]) == set(tasks)
+        assert row["trainable_parameters"] > 0
+        if not row["baseline"]:
+            vs = row["vs_best_baseline"]
+            assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]
+            assert 0.0 < row["routing"]["effective_experts"] <= 2.0 + 1e-9
+    for name in methods:
+        assert f"| {name}: " in table and f"| {name} | " in table  # summary row and per-task row
+    assert set(summary["scaling"]) == {"scale-lora-r4", "scale-lora-r8", "scale-moe-e2", "scale-moe-e4"}
+    assert os.path.getsize(os.path.join(out, "scaling.png")) > 1000
+    runs_on_disk = [f for _, _, files in os.walk(os.path.join(out, "runs")) for f in files]
+    assert len(runs_on_disk) == len(data["runs"])
+
+
+def test_the_saved_adapter_scores_as_the_trained_model_did(quick_results) -> None:
+    """The test split is scored from the adapter each run saves: reloaded, it must give the trained
+    model's validation results item for item (baseline and moetune)."""
+    out, data, _ = quick_results
+    args = multitask.parse_args(["--quick", "--results-dir", out])
+    proto = multitask.protocol(args)
+    for run in data["runs"]:
+        if run["seed"] != 0 or run["method"] not in ("lora-r16", "moe-default"):
+            continue
+        method = multitask.get_method(run["method"])
+        model, tokenizer, splits = multitask.load_model_and_splits(proto)
+        adapter = multitask.adapter_path(args, run["method"], run["lr"], 0)
+        if method.baseline:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        else:
+            from moetune.model import MoEModel
+
+            model = MoEModel.from_pretrained(model, adapter, strict=True)
+        assert multitask.score(model, tokenizer, splits, method, "val")["val"] == run["val"]
+
+
+def test_quick_run_resumes_without_training_again(quick_results) -> None:
+    out, data, _ = quick_results
+    args = multitask.parse_args(["--quick", "--results-dir", out, "--max-runs", "0"])
+    proto = multitask.protocol(args)
+    state = {
+        "protocol": proto,
+        "protocol_id": multitask.protocol_id(proto),
+        "runs": multitask.load_runs(args.runs_dir, multitask.protocol_id(proto)),
+        "new": 0,
+        "stopped": False,
+    }
+    assert len(state["runs"]) == len(data["runs"])
+    multitask.sweep(args, state)
+    assert state["new"] == 0 and not state["stopped"]
+
+
+def _fake_run(name: str, lr: float, val: float, test: float, seed: int = 0) -> dict:
+    def items(acc: float) -> dict[str, str]:
+        return {"t": "1" * round(100 * acc) + "0" * (100 - round(100 * acc))}
+
+    return {"method": name, "lr": lr, "seed": seed, "val": items(val), "test": items(test)}
+
+
+def _state(runs: list[dict]) -> dict:
+    return {"runs": {(r["method"], r["lr"], r["seed"]): r for r in runs}, "new": 0, "stopped": False}
+
+
+def test_the_rate_is_chosen_on_validation_never_on_test() -> None:
+    args = multitask.parse_args(["--methods", "lora-r16", "--max-runs", "0"])
+    runs = [
+        _fake_run("lora-r16", 5e-4, val=0.50, test=0.90),
+        _fake_run("lora-r16", 1e-3, val=0.70, test=0.10),  # best on validation, worst on test
+        _fake_run("lora-r16", 2e-3, val=0.60, test=0.80),
+    ]
+    state = _state(runs)
+    assert multitask.choose_lr("lora-r16", args, state) == 1e-3
+    assert multitask.chosen_rates(args, state) == {"lora-r16": 1e-3}
+
+
+def test_a_best_rate_at_the_edge_extends_the_grid() -> None:
+    args = multitask.parse_args(["--methods", "lora-r16", "--max-runs", "0"])
+    runs = [_fake_run("lora-r16", lr, val=v, test=0.5) for lr, v in ((5e-4, 0.5), (1e-3, 0.6), (2e-3, 0.7))]
+    state = _state(runs)
+    assert multitask.choose_lr("lora-r16", args, state) is None  # 4e-3 is needed and --max-runs 0 stops
+    assert state["stopped"]
+    state = _state([*runs, _fake_run("lora-r16", 4e-3, val=0.65, test=0.5)])
+    assert multitask.choose_lr("lora-r16", args, state) == 2e-3
+    assert multitask.chosen_rates(args, state) == {"lora-r16": 2e-3}
+
+
+def test_paired_bootstrap_by_hand() -> None:
+    same = [{"a": "0110", "b": "10"}, {"a": "1111", "b": "00"}]
+    assert multitask.paired_bootstrap(same, same, replicates=50) == (0.0, 0.0, 0.0)
+    ones = [{"a": "1111", "b": "11"}] * 2
+    zeros = [{"a": "0000", "b": "00"}] * 2
+    assert multitask.paired_bootstrap(ones, zeros, replicates=50) == (1.0, 1.0, 1.0)
+    # task a: +1 on half the items, task b: 0; the mean over tasks is (0.5 + 0) / 2
+    point, low, high = multitask.paired_bootstrap([{"a": "1100", "b": "10"}], [{"a": "0000", "b": "10"}])
+    assert point == pytest.approx(0.25) and 0.0 <= low < 0.25 < high <= 0.5
+    assert multitask.mean_accuracy({"a": "1100", "b": "1"}) == pytest.approx(0.75)
+
+
+def test_balanced_splits_take_the_options_in_turn() -> None:
+    pairs = [(f"q{i}", "Yes") for i in range(10)] + [(f"r{i}", "No") for i in range(3)]
+    picked = multitask_data._balanced(pairs, 8, ("Yes", "No"), random.Random(0))
+    answers = [a for _, a in picked]
+    assert len(picked) == 8 and answers.count("No") == 3 and answers.count("Yes") == 5  # No runs out
+    with pytest.raises(ValueError, match="Maybe"):
+        multitask_data._balanced([("q", "Maybe")], 1, ("Yes", "No"), random.Random(0))
+
+
+def test_held_aside_tasks_are_not_in_the_benchmark() -> None:
+    datasets = {spec.dataset for spec in multitask_data.GYM_TASKS.values()}
+    assert not datasets & set(multitask_data.HELD_ASIDE)
+    assert len(multitask_data.TASKS) >= 10
