@@ -254,12 +254,6 @@ class MoEConfig:
     def from_json(cls, text: str) -> MoEConfig:
         return cls.from_dict(json.loads(text))
 
-    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        from moetune.io.adapter import atomic_write_text
-
-        data = self.to_dict() | (extra or {})
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
-
     @classmethod
     def load(cls, directory: str | os.PathLike) -> tuple[MoEConfig, dict[str, Any]]:
         """Read `moetune_config.json`; returns the config and the raw dict (with saved extras)."""

@@ -18,11 +18,12 @@ from moetune.core import losses, stats
 from moetune.core.checkpointing import AuxTap, tap_gradient
 from moetune.core.injection import inject
 from moetune.core.layers import (
-    ADAPTER_MODULES,
     RoutedLayer,
     RouterRecord,
     RoutingContext,
+    adapter_modules,
 )
+from moetune.core.merge import merge_into_base
 
 
 class MoEModel(nn.Module):
@@ -287,9 +288,7 @@ class MoEModel(nn.Module):
                 yield name, module
 
     def adapter_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, ADAPTER_MODULES):
-                yield name, module
+        yield from adapter_modules(self.base_model)
 
     def routing_stats(self) -> dict[str, dict[str, Any]]:
         """Per MoE layer since the last reset: tokens per expert, load CV, router entropy, dead experts,
@@ -465,9 +464,10 @@ class MoEModel(nn.Module):
         """Merge the adapter into the base weights and return the plain base model (peft's name), where
         every layer's mixture is the same for every token (`task`: as under `use_tasks(task)`); otherwise
         a `moetune.core.merge.MergeError` naming the layer, the model unchanged. See `moetune.core.merge`."""
-        from moetune.core.merge import merge_and_unload
-
-        return merge_and_unload(self, task)
+        if task is not None:  # the model's own task -> expert blocks mapping, as for a forward
+            with self.use_tasks(task):
+                return self.merge_and_unload()
+        return merge_into_base(self.base_model, self._ctx.tasks, self._ctx.task)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = {id(p): p for p in self.parameters()}.values()  # tied weights count once

@@ -435,13 +435,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from moetune.interop import mixlora as convert
+    from moetune.interop import mixlora
 
     _refuse_existing(args.dst, args.overwrite)
     if args.from_format:
         if args.act_fn is not None:
             raise ValueError("--act-fn goes with --to mixlora (imported experts use the FFN's activation)")
-        cfg = convert.from_mixlora(args.src, args.dst, base=args.base)
+        cfg = mixlora.from_mixlora(args.src, args.dst, base=args.base)
         note = "" if args.base else "; no base fingerprint recorded (give --base to record one)"
         _log(f"wrote moetune adapter {args.dst}: {cfg.num_experts} experts, top-{cfg.top_k}, r={cfg.r}{note}")
     else:
@@ -455,7 +455,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from moetune.app import demo
 
             base = demo.load_model("smollm2")[0]
-        data = convert.to_mixlora(args.src, args.dst, act_fn=args.act_fn, base=base)
+        data = mixlora.to_mixlora(args.src, args.dst, act_fn=args.act_fn, base=base)
         _log(
             f"wrote MixLoRA adapter {args.dst}: {data['num_experts']} experts, top-{data['top_k']}, "
             f"act_fn={data['act_fn']}"
@@ -497,11 +497,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from moetune.interop.export import check_adapter_exportable, export_moe, load_for_export
+    from moetune.app import demo
+    from moetune.interop.export import check_adapter_exportable, export_moe
 
     _refuse_existing(args.dst, args.overwrite)
     check_adapter_exportable(args.adapter, args.to)
-    model, tokenizer = load_for_export(args.adapter, args.base)
+    model, tokenizer = demo.load_for_export(args.adapter, args.base)
     out = export_moe(
         model,
         args.dst,
@@ -517,13 +518,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from moetune.app import demo
-    from moetune.core.merge import merge_and_unload
     from moetune.interop.export import publish_model
 
     _refuse_existing(args.dst, args.overwrite)
     model, tokenizer, _ = demo.load_adapter_run(args.adapter, test_per_task=0, base=args.base)
     task = args.task[0] if args.task and len(args.task) == 1 else args.task
-    merged = merge_and_unload(model, task)
+    merged = model.merge_and_unload(task)
     publish_model(merged, tokenizer, args.dst)
     _log(f"wrote {args.dst}: load it with transformers' AutoModelForCausalLM.from_pretrained")
     return 0

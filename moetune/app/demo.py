@@ -290,7 +290,7 @@ def remember_run(output_dir: str, cfg: RunConfig, args: Any) -> None:
     A local model directory is recorded as an absolute path, and the working directory too: the
     config's relative data paths are relative to it.
     """
-    from moetune.io.adapter import atomic_write_text
+    from moetune.io.atomic import atomic_write_text
 
     held_out = [
         {
@@ -428,3 +428,19 @@ def load_adapter_run(
         else:
             tasks = Tasks({}, held_out_items(cfg.data))  # the test files only: not the training ones
     return moe, tokenizer, tasks
+
+
+def load_for_export(adapter: str, base: str | None = None) -> tuple[Any, Any]:
+    """(MoEModel, tokenizer source) for `moetune export`: the base is `base`, else the one `moetune
+    eval/generate` find (the run record, else the adapter's provenance); the tokenizer source is the
+    base directory (its files are copied), or the demo model's tokenizer."""
+    from moetune.model import MoEModel
+
+    if not os.path.isdir(adapter):
+        raise FileNotFoundError(f"{adapter}: not an adapter: no such directory")
+    if base is None:
+        base = recorded_base(adapter)
+    load = dataclasses.replace(recorded_load(adapter), quantization=None)  # full weights to export
+    hf_model, tokenizer = load_model(base, load)
+    model = MoEModel.from_pretrained(hf_model, adapter)
+    return model, (base if os.path.isdir(base) else tokenizer)

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from moetune.core.stats import min_share_times_experts
-from moetune.io.adapter import atomic_write_text
+from moetune.io.atomic import atomic_write_text
 
 
 def _pct(x: float) -> str:

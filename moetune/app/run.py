@@ -44,7 +44,7 @@ from moetune.app.data import (
 from moetune.app.evaluation import EvalItem, evaluate
 from moetune.config import MoEConfig, short_repr
 from moetune.core import stats
-from moetune.io.adapter import atomic_write_text
+from moetune.io.atomic import atomic_write_text
 from moetune.model import MoEModel, get_moe_model
 from moetune.train.callbacks import SaveOnInterrupt, TrainingInterrupted
 from moetune.train.checkpoints import last_complete_checkpoint

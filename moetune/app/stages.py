@@ -35,7 +35,7 @@ from moetune.app.run import (
     tasks_from_config,
     training_mixture,
 )
-from moetune.io.adapter import atomic_write_text
+from moetune.io.atomic import atomic_write_text
 from moetune.model import MoEModel, get_moe_model
 
 

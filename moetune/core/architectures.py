@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import SiLUActivation
 
 from moetune.core import sharding
-from moetune.core.experts import backward_frees_graph
+from moetune.core.kernels import activation_, glu
+
+_SILU = nn.SiLU()  # the activation of families whose block names none (LFM2)
 
 
 @dataclass(frozen=True)
@@ -62,75 +63,12 @@ class FFNSpec:
         return dropout(y)
 
 
-_SILU = nn.SiLU()
-
-
-def _is_silu(act: Callable[[Tensor], Tensor]) -> bool:
-    return isinstance(act, nn.SiLU | SiLUActivation)
-
-
-def activation_(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """act(x), computed in place where `act` is a known elementwise activation (saves writing a fresh
-    tensor of the hidden's size); any other activation runs as it is."""
-    if _is_silu(act):
-        return nn.functional.silu(x, inplace=True)
-    if isinstance(act, nn.ReLU):
-        return x.relu_()
-    return act(x)
-
-
-class SiluGLU(torch.autograd.Function):
-    """silu(gate) * up that keeps only gate and up for backward and recomputes silu(gate) there.
-
-    Autograd of the two ops keeps silu(gate) as well and writes it as a separate tensor: for an `ffn`
-    layer's K slots that is one more (K, T, F) tensor written and held until backward per layer. The
-    gradients are the same formulas as autograd's (same bits).
-
-    `owns_inputs`: gate and up are fresh tensors that nothing else reads after this op, so a backward
-    that frees the graph (no retain_graph, the usual training step) writes the two gradients over
-    them, as Liger-Kernel's SwiGLU does: two fresh (K, T, F) tensors fewer per layer, whose pages the
-    CPU would otherwise fault in on every step. Under retain_graph (double backward included) the
-    saved tensors stay intact, and under create_graph the backward is differentiable."""
-
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor, owns_inputs: bool = False) -> Tensor:
-        ctx.save_for_backward(gate, up)
-        ctx.owns_inputs = owns_inputs
-        return nn.functional.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad_h: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        gate, up = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: formulas autograd can differentiate again
-            sig = torch.sigmoid(gate)
-            return grad_h * up * sig * (1 + gate * (1 - sig)), grad_h * gate * sig, None
-        reuse = ctx.owns_inputs and backward_frees_graph()
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:  # before grad_up: it reads `gate` and `up` unchanged
-            grad_silu = up.mul_(grad_h) if reuse else grad_h * up
-            # the silu gradient is written over grad_silu: no second fresh tensor
-            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_silu)
-        if ctx.needs_input_grad[1]:
-            grad_up = (nn.functional.silu(gate, inplace=reuse)).mul_(grad_h)
-        return grad_gate, grad_up, None
-
-
-def _glu(act: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor, in_place: bool) -> Tensor:
-    """act(gate) * up; `in_place`: gate and up are fresh and nothing else reads them, so without
-    autograd gate is overwritten, and with it SiluGLU's backward may write its gradients over both."""
-    if in_place and not torch.is_grad_enabled():
-        return activation_(act, gate).mul_(up)
-    if _is_silu(act) and torch.is_grad_enabled():
-        return SiluGLU.apply(gate, up, in_place)
-    return act(gate) * up
-
-
 def _gated(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    return _glu(act, *outs, in_place)
+    return glu(act, *outs, in_place)
 
 
 def _gated_fused(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:
-    return _glu(act, *outs[0].chunk(2, dim=-1), in_place)
+    return glu(act, *outs[0].chunk(2, dim=-1), in_place)
 
 
 def _plain(act: Callable[[Tensor], Tensor], outs: list[Tensor], in_place: bool = False) -> Tensor:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moetune.core.kernels import backward_frees_graph
+
 
 class ExpertMath:
     """The expert computations over a sequence of (A (n, r, d_in), B (n, d_out, r)) blocks, numbered
@@ -243,16 +245,6 @@ def has_grouped_mm(dtype: torch.dtype, *dims: int) -> bool:
         return False
     itemsize = torch.empty((), dtype=dtype).element_size()
     return all(d * itemsize % 16 == 0 for d in dims)
-
-
-def backward_frees_graph() -> bool:
-    """In a custom Function's backward: whether the saved tensors are freed after it (no retain_graph,
-    no create_graph), so it may write its gradients over saved tensors it owns. The same test
-    AOTAutograd makes before it frees saved tensors early; False under torch.compile, whose traced
-    backward manages its own buffers."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return False
-    return not torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 class Slots:

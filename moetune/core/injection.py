@@ -24,7 +24,7 @@ from moetune.core.architectures import (
     layer_index,
     name_matches,
 )
-from moetune.core.layers import ADAPTER_MODULES, LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
+from moetune.core.layers import AdapterLayer, LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
 
 
 @dataclass
@@ -54,7 +54,7 @@ def plan(model: nn.Module, cfg: MoEConfig, check_ffn: bool = True) -> InjectionP
     moetune's decomposition with no expert), one block per structure, refusing one that computes
     something else."""
     modules = dict(model.named_modules())
-    adapted = next((n for n, m in modules.items() if isinstance(m, ADAPTER_MODULES)), None)
+    adapted = next((n for n, m in modules.items() if isinstance(m, AdapterLayer)), None)
     if adapted is not None:
         raise ValueError(
             f"module {adapted!r} is already a moetune {type(modules[adapted]).__name__}: this model already "
@@ -187,10 +187,10 @@ def inject(model: nn.Module, cfg: MoEConfig, ctx: RoutingContext, check_ffn: boo
 
 def eject(model: nn.Module, trainable: dict[str, bool]) -> None:
     """Undo `inject`: put every wrapped module back and restore the requires_grad flags."""
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     for name in reversed(wrapped):  # innermost first
         wrapper = model.get_submodule(name)
-        _replace(model, name, lambda m: m.original if isinstance(m, TrainableCopy) else m.base_layer)
+        _replace(model, name, lambda m: m.get_base_layer())
         del wrapper
     for name, p in model.named_parameters():
         p.requires_grad_(trainable.get(name, p.requires_grad))

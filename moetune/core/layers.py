@@ -17,7 +17,7 @@ mask, adapter on/off, reference path), because transformers never passes the mas
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +153,22 @@ class RouterRecord:
     grad_enabled: bool = True  # autograd was on when routing (off: reentrant activation checkpointing)
 
 
-class RoutedLayer(nn.Module):
+class AdapterLayer(nn.Module):
+    """The one marker of every module moetune puts into a model (peft's `BaseTunerLayer`): it wraps a
+    frozen base module, which `get_base_layer()` returns, and adds trainable tensors of its own."""
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+
+def adapter_modules(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(name, module) of every adapter module in `root`, outermost first."""
+    for name, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+class RoutedLayer(AdapterLayer):
     """Common part of the MoE layers: a router over E experts (+ always-on shared experts)."""
 
     def __init__(
@@ -605,7 +620,7 @@ class MoELinear(WrapsLinear, RoutedLayer):
         return torch.stack([banks.expert(e, x_SD) for e in range(num_routed)], 1)  # (S, E, d_out)
 
 
-class LoRALinear(WrapsLinear, nn.Module):
+class LoRALinear(WrapsLinear, AdapterLayer):
     """Plain LoRA (Hu et al. 2021) on a frozen linear layer: y = W x + s B A dropout(x)."""
 
     def __init__(
@@ -639,7 +654,7 @@ class LoRALinear(WrapsLinear, nn.Module):
         return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
 
 
-class TrainableCopy(nn.Module):
+class TrainableCopy(AdapterLayer):
     """`modules_to_save`: a trainable copy of a module; the frozen original serves `disable_adapter`."""
 
     def __init__(self, original: nn.Module, ctx: RoutingContext) -> None:
@@ -649,12 +664,11 @@ class TrainableCopy(nn.Module):
             self.trained = copy.deepcopy(original)
         self.trained.requires_grad_(True)
 
+    def get_base_layer(self) -> nn.Module:
+        return self.original
+
     def forward(self, *args, **kwargs):
         return (self.trained if self.ctx.now().adapter_enabled else self.original)(*args, **kwargs)
-
-
-# every module moetune wraps a base module in (peft's BaseTunerLayer plays this part there)
-ADAPTER_MODULES = (RoutedLayer, LoRALinear, TrainableCopy)
 
 
 def _adapter_dtype(base_weight: Tensor, setting: str = "auto") -> torch.dtype:

@@ -30,9 +30,7 @@ removed), usable and savable with `save_pretrained`; its parameters keep their r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -40,17 +38,14 @@ from torch import Tensor, nn
 from moetune.core.architectures import is_quantized
 from moetune.core.experts import ExpertMath
 from moetune.core.layers import (
-    ADAPTER_MODULES,
     Blocks,
     LoRALinear,
     MoEFFN,
     MoELinear,
     RoutedLayer,
     TrainableCopy,
+    adapter_modules,
 )
-
-if TYPE_CHECKING:
-    from moetune.model import MoEModel
 
 
 class MergeError(ValueError):
@@ -207,24 +202,16 @@ def _check_merge(name: str, m: _Merge) -> None:
         raise MergeError(f"{name}: its LoRA weights hold NaN/inf; nothing was merged")
 
 
-def merge_and_unload(model: MoEModel, task: str | Sequence[str] | None = None) -> nn.Module:
-    """Merge every adapter module of `model` into its base weights and return the plain base model.
+def merge_into_base(base: nn.Module, blocks: Blocks, task: int | None) -> nn.Module:
+    """Merge every adapter module of `base` into its base weights and return `base` without them.
 
-    `task`: route as under `model.use_tasks(task)` (names); None: the routing in force (`use_tasks`
-    around this call, else every expert). Raises MergeError, the model unchanged, where a layer's mixture
-    depends on the token (see the module docstring). The MoEModel is empty afterwards (its base model
-    has no moetune module left).
+    `blocks`, `task`: the routing to merge, as `MoEModel.use_tasks` sets it (the expert blocks every
+    token is restricted to, None for all; the one task's index, or None). Raises MergeError, the model
+    unchanged, where a layer's mixture depends on the token (see the module docstring).
     """
-    if task is not None:  # the model's own task -> expert blocks mapping, as for a forward
-        with model.use_tasks(task):
-            return merge_and_unload(model)
-    # what `use_tasks` set: the blocks every token is restricted to (None = all), the task (one named)
-    blocks: Blocks = model._ctx.tasks
-    task_index: int | None = model._ctx.task
-    base = model.base_model
-    wrappers = [(n, m) for n, m in base.named_modules() if isinstance(m, ADAPTER_MODULES)]
+    wrappers = list(adapter_modules(base))
     with torch.no_grad():
-        merges = [(n, m) for n, w in wrappers for m in _layer_merges(n, w, blocks, task_index)]  # may refuse
+        merges = [(n, m) for n, w in wrappers for m in _layer_merges(n, w, blocks, task)]  # may refuse
         for n, m in merges:
             _check_merge(n, m)
         for n, m in merges:  # nothing refused: change the weights

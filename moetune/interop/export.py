@@ -39,10 +39,8 @@ exports only those tasks' experts: the exported model then routes exactly as `us
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from moetune.core.architectures import is_quantized
-from moetune.core.layers import LoRALinear, MoEFFN, RoutedLayer, TrainableCopy
+from moetune.core.layers import AdapterLayer, LoRALinear, MoEFFN, TrainableCopy
 from moetune.core.routing import DTYPES
-from moetune.io.adapter import _fsync_dir, umask_mode
+from moetune.io.atomic import publish_dir
 from moetune.model import MoEModel
 
 TOKENIZER_FILES = (
@@ -101,8 +99,8 @@ def merged_base_tensors(model: MoEModel) -> dict[str, Tensor]:
     def walk(module: nn.Module, prefix: str) -> None:
         if isinstance(module, TrainableCopy):
             return walk(module.trained, prefix)
-        if isinstance(module, (RoutedLayer, LoRALinear)):
-            walk(module.base_layer, prefix)
+        if isinstance(module, AdapterLayer):
+            walk(module.get_base_layer(), prefix)
             if isinstance(module, LoRALinear):
                 (A_1rd, B_1or), *_ = zip(module.lora.lora_A, module.lora.lora_B, strict=True)
                 out[prefix + "weight"] = merge_lora(
@@ -460,22 +458,12 @@ def export_moe(
 def publish_model(model: nn.Module, tokenizer: Any, out_dir: str) -> None:
     """`model.save_pretrained` and the tokenizer (an object, or a directory whose tokenizer files are
     copied) into `out_dir`, which appears whole: written beside it, then renamed over it."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    os.chmod(tmp, umask_mode(0o777))
-    try:
-        model.save_pretrained(tmp)
-        _write_tokenizer(tokenizer, tmp)
-        for directory, _, files in os.walk(tmp):  # safetensors writes 0600 files whatever the umask
-            for name in files:
-                os.chmod(os.path.join(directory, name), umask_mode(0o666))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(directory: str) -> None:
+        model.save_pretrained(directory)
+        _write_tokenizer(tokenizer, directory)
+
+    publish_dir(out_dir, write)
 
 
 def export_mixtral(model: MoEModel, out_dir: str | os.PathLike, **kwargs: Any) -> str:
@@ -495,29 +483,6 @@ def _write_tokenizer(tokenizer: Any, directory: str) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def _fsync_tree(directory: str) -> None:
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(directory)
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Rename the finished `tmp` to `out_dir`; an old non-empty `out_dir` is moved aside, then removed."""
-    old = None
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.replace(out_dir, old)  # onto the empty directory just made
-    elif os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        os.remove(out_dir)
-    os.replace(tmp, out_dir)
-    _fsync_dir(os.path.dirname(out_dir))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---- the CLI's entry --------------------------------------------------------------------------------
 def nonzero_bias_refusal(to: str, rate: float) -> str:
     return (
@@ -535,25 +500,9 @@ def check_adapter_exportable(adapter: str, to: str) -> None:
 
     weights = os.path.join(adapter, WEIGHTS_NAME)
     if not os.path.isfile(weights):
-        return  # load_for_export names what is missing
+        return  # demo.load_for_export names what is missing
     cfg, _ = read_config(adapter)
     with safe_open(weights, framework="pt") as fh:
         for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
             if name.endswith("expert_bias") and bool(fh.get_tensor(name).any()):
                 raise ExportError(f"{adapter}: {nonzero_bias_refusal(to, cfg.bias_update_rate)}")
-
-
-def load_for_export(adapter: str, base: str | None = None) -> tuple[MoEModel, Any]:
-    """(MoEModel, tokenizer source) for `moetune export`: the base is `base`, else the one `moetune
-    eval/generate` find (the run record, else the adapter's provenance); the tokenizer source is the
-    base directory (its files are copied), or the demo model's tokenizer."""
-    from moetune.app import demo
-
-    if not os.path.isdir(adapter):
-        raise FileNotFoundError(f"{adapter}: not an adapter: no such directory")
-    if base is None:
-        base = demo.recorded_base(adapter)
-    load = dataclasses.replace(demo.recorded_load(adapter), quantization=None)  # full weights to export
-    hf_model, tokenizer = demo.load_model(base, load)
-    model = MoEModel.from_pretrained(hf_model, adapter)
-    return model, (base if os.path.isdir(base) else tokenizer)

@@ -54,8 +54,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,8 +65,9 @@ from torch import Tensor, nn
 
 from moetune.config import CONFIG_NAME, MoEConfig, short_repr
 from moetune.core.architectures import find_ffn_spec
-from moetune.io import adapter as serialization
+from moetune.io import adapter as adapter_format
 from moetune.io import provenance
+from moetune.io.atomic import atomic_write, atomic_write_text, publish_dir, read_json_object
 
 MIXLORA_CONFIG = "adapter_config.json"
 MIXLORA_WEIGHTS = "adapter_model.bin"
@@ -117,7 +116,7 @@ class Layers:
 
 # ---- files ------------------------------------------------------------------------------------------
 def _read_json(path: str) -> dict[str, Any]:
-    return serialization.read_json_object(path, ConversionError, " (not a MixLoRA adapter directory?)")
+    return read_json_object(path, ConversionError, " (not a MixLoRA adapter directory?)")
 
 
 def _read_mixlora_tensors(src: str) -> tuple[str, dict[str, Tensor]]:
@@ -141,27 +140,6 @@ def _read_mixlora_tensors(src: str) -> tuple[str, dict[str, Tensor]]:
     ):
         raise ConversionError(f"{path}: expected a dict of floating-point tensors by name")
     return path, tensors
-
-
-def _publish(dst: str, write: Callable[[str], None]) -> None:
-    """Fill the directory `dst` with `write(directory)`: a new one appears whole (written beside it under
-    a temporary name, then renamed); in an existing one `write` replaces each file atomically."""
-    if os.path.isdir(dst):
-        write(dst)
-        return
-    if os.path.exists(dst):
-        raise ConversionError(f"{dst}: exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(dst))}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
-    try:
-        write(tmp)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    serialization._fsync_dir(parent)
 
 
 # ---- grouping tensors by name -----------------------------------------------------------------------
@@ -452,7 +430,7 @@ def from_mixlora(
             # the versions entry of describe() (an empty module has nothing to fingerprint)
             "_versions": provenance.describe(nn.Module())["_versions"],
         }  # and no _base_fingerprint: there is no base to take it from
-        _publish(dst, lambda d: _write_moetune(d, converted, record))
+        publish_dir(dst, lambda d: _write_moetune(d, converted, record))
         return config
     model = _load_base(base) if isinstance(base, (str, os.PathLike)) else base
     if mix.act_fn is not None:
@@ -462,19 +440,19 @@ def from_mixlora(
 
 
 def _write_moetune(directory: str, tensors: dict[str, Tensor], record: dict[str, Any]) -> None:
-    """The two files of `serialization.save_adapter` (format 1), from tensors and a config record."""
+    """The two files of `adapter_format.save_adapter` (format 1), from tensors and a config record."""
     text = json.dumps(record, indent=2, sort_keys=True)
     metadata = {
         "format": "pt",
-        serialization.META_FORMAT: serialization.FORMAT_VERSION,
-        serialization.META_CONFIG: text,
-        serialization.META_SHA256: json.dumps(
-            {k: serialization.tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True
+        adapter_format.META_FORMAT: adapter_format.FORMAT_VERSION,
+        adapter_format.META_CONFIG: text,
+        adapter_format.META_SHA256: json.dumps(
+            {k: adapter_format.tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True
         ),
     }
-    weights = os.path.join(directory, serialization.WEIGHTS_NAME)
-    serialization._atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    serialization.atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+    weights = os.path.join(directory, adapter_format.WEIGHTS_NAME)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
 
 
 def _build_on_base(
@@ -487,8 +465,8 @@ def _build_on_base(
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     moe = MoEModel(model, config)
     try:
-        serialization._copy_checked(moe, tensors, where)
-        _publish(dst, moe.save_pretrained)
+        adapter_format._copy_checked(moe, tensors, where)
+        publish_dir(dst, moe.save_pretrained)
     finally:
         eject(model, trainable)
 
@@ -740,9 +718,9 @@ def to_mixlora(
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such moetune adapter directory")
-    where = os.path.join(src, serialization.WEIGHTS_NAME)
-    metadata, tensors = serialization.read_weights(where)
-    config, extras = serialization.read_config(src, metadata)
+    where = os.path.join(src, adapter_format.WEIGHTS_NAME)
+    metadata, tensors = adapter_format.read_weights(where)
+    config, extras = adapter_format.read_config(src, metadata)
     check_exportable(config, where)
     layers = layers_from_moetune(tensors, where)
     from transformers.activations import ACT2CLS
@@ -760,10 +738,10 @@ def to_mixlora(
             torch.save(weights, fh)
 
     def write(directory: str) -> None:
-        serialization._atomic_write(os.path.join(directory, MIXLORA_WEIGHTS), save_weights)
-        serialization.atomic_write_text(os.path.join(directory, MIXLORA_CONFIG), json.dumps(data, indent=2))
+        atomic_write(os.path.join(directory, MIXLORA_WEIGHTS), save_weights)
+        atomic_write_text(os.path.join(directory, MIXLORA_CONFIG), json.dumps(data, indent=2))
 
-    _publish(dst, write)
+    publish_dir(dst, write)
     return data
 
 

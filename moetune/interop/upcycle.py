@@ -39,7 +39,7 @@ from moetune.config import MoEConfig
 from moetune.core.architectures import linear_dims, name_matches
 from moetune.core.injection import InjectionPlan, plan
 from moetune.core.layers import LoRALinear, MoEFFN, MoELinear, TrainableCopy
-from moetune.io.adapter import read_json_object
+from moetune.io.atomic import read_json_object
 from moetune.model import MoEModel, get_moe_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"

@@ -19,14 +19,12 @@ shape against the model before copying anything. Every failure names the file an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -36,10 +34,20 @@ from torch import Tensor, nn
 from moetune.config import CONFIG_NAME, MoEConfig
 from moetune.core import sharding
 from moetune.core.injection import eject
+from moetune.core.layers import adapter_modules
 from moetune.io import provenance
+from moetune.io.atomic import atomic_write, atomic_write_text
 
-if TYPE_CHECKING:
-    from moetune.model import MoEModel
+
+class AdaptedModel(Protocol):
+    """What the adapter files are read from and written to: a base model holding moetune's adapter
+    modules, and the config they were built from (`moetune.MoEModel` is one)."""
+
+    base_model: nn.Module
+    moe_config: MoEConfig
+
+
+Adapted = TypeVar("Adapted", bound=AdaptedModel)
 
 WEIGHTS_NAME = "moetune_model.safetensors"
 FORMAT_VERSION = "1"
@@ -51,7 +59,7 @@ class AdapterError(ValueError):
     """An adapter that cannot be loaded: unreadable, corrupted, or not fitting the base model."""
 
 
-def adapter_state_dict(model: MoEModel) -> dict[str, Tensor]:
+def adapter_state_dict(model: AdaptedModel) -> dict[str, Tensor]:
     """Every tensor moetune added (experts, routers, their bias, LoRA, trained copies), by full name.
 
     Under FSDP2 or DeepSpeed ZeRO-3 the sharded tensors are gathered whole (copies): a collective, so
@@ -59,10 +67,10 @@ def adapter_state_dict(model: MoEModel) -> dict[str, Tensor]:
     return sharding.full_tensors(_adapter_tensors(model))
 
 
-def _adapter_tensors(model: MoEModel) -> dict[str, Tensor]:
+def _adapter_tensors(model: AdaptedModel) -> dict[str, Tensor]:
     """The adapter's parameters and buffers themselves (sharded ones as they are), by full name."""
     state = {}
-    for name, module in model.adapter_modules():
+    for name, module in adapter_modules(model.base_model):
         for key, tensor in _wrapper_state(module):
             if ".base_layer." not in key:
                 state[f"{name}.{key}"] = tensor
@@ -89,50 +97,7 @@ def tensor_sha256(tensor: Tensor) -> str:
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open or fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def umask_mode(mode: int) -> int:
-    """`mode` less the process umask: what open() and mkdir() would give. tempfile makes its files
-    0600 and its directories 0700, which a server running as another user could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write via `write(tmp)` to a temporary file beside `path`, fsync it, rename it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, umask_mode(0o666))  # after write: some writers (safetensors) replace the file
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write(path, write)
-
-
-def save_adapter(model: MoEModel, directory: str | os.PathLike, write: bool = True) -> None:
+def save_adapter(model: AdaptedModel, directory: str | os.PathLike, write: bool = True) -> None:
     """Replace the adapter in `directory` atomically (see the module docstring). A sharded model is
     gathered first, on every rank (a collective); only ranks with `write` write the files."""
     directory = os.fspath(directory)
@@ -148,7 +113,7 @@ def save_adapter(model: MoEModel, directory: str | os.PathLike, write: bool = Tr
         META_CONFIG: text,
         META_SHA256: json.dumps({k: tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True),
     }
-    _atomic_write(
+    atomic_write(
         os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata)
     )
     atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
@@ -189,21 +154,6 @@ def _verify(weights: str, tensors: dict[str, Tensor], metadata: dict[str, str]) 
                 f"{weights}: tensor {key} fails its sha256 checksum: the file was corrupted or changed "
                 "after it was saved"
             )
-
-
-def read_json_object(path: str, error: type[Exception] = AdapterError, missing: str = "") -> dict[str, Any]:
-    """The JSON object in file `path`; FileNotFoundError (with the `missing` hint) when there is none,
-    `error` naming the file for invalid JSON or a non-object."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file{missing}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (ValueError, RecursionError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _json(text: str, where: str) -> Any:
@@ -248,9 +198,14 @@ def read_config(
 
 
 def load_adapter(
-    cls: type[MoEModel], base: nn.Module, path: str | os.PathLike, is_trainable: bool, strict: bool = False
-) -> MoEModel:
-    """`MoEModel.from_pretrained`: read, verify, inject, copy, check the base; `base` intact on error."""
+    build: Callable[[nn.Module, MoEConfig], Adapted],
+    base: nn.Module,
+    path: str | os.PathLike,
+    is_trainable: bool,
+    strict: bool = False,
+) -> Adapted:
+    """`MoEModel.from_pretrained`: read, verify, inject (`build(base, config)`), copy, check the base;
+    `base` intact on error."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such adapter directory")
@@ -258,7 +213,7 @@ def load_adapter(
     metadata, tensors = read_weights(weights)
     config, extras = read_config(path, metadata)
     trainable = {n: p.requires_grad for n, p in base.named_parameters()}
-    model = cls(base, config)
+    model = build(base, config)
     try:
         _copy_checked(model, tensors, weights)
         provenance.check(model, extras, path, strict)
@@ -266,20 +221,20 @@ def load_adapter(
         eject(base, trainable)  # leave the caller's model as it was
         raise
     if not is_trainable:
-        for _, module in model.adapter_modules():
+        for _, module in adapter_modules(model.base_model):
             module.requires_grad_(False)
         model.eval()
     return model
 
 
-def load_adapter_weights(model: MoEModel, directory: str | os.PathLike) -> None:
+def load_adapter_weights(model: AdaptedModel, directory: str | os.PathLike) -> None:
     """Copy `moetune_model.safetensors` into an injected model, after checking checksums, names, shapes."""
     weights = os.path.join(os.fspath(directory), WEIGHTS_NAME)
     _, tensors = read_weights(weights)
     _copy_checked(model, tensors, weights)
 
 
-def _copy_checked(model: MoEModel, saved: dict[str, Tensor], weights: str) -> None:
+def _copy_checked(model: AdaptedModel, saved: dict[str, Tensor], weights: str) -> None:
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:

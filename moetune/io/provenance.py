@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from moetune.core import sharding
-from moetune.core.layers import LoRALinear, RoutedLayer, TrainableCopy
+from moetune.core.layers import AdapterLayer
 
 SAMPLE = 16  # values sampled per tensor
 
@@ -45,11 +45,8 @@ def base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
-        if isinstance(module, TrainableCopy):
-            yield from walk(module.original, prefix)
-            return
-        if isinstance(module, (RoutedLayer, LoRALinear)):
-            yield from walk(module.base_layer, prefix)
+        if isinstance(module, AdapterLayer):
+            yield from walk(module.get_base_layer(), prefix)
             return
         for name, p in module.named_parameters(recurse=False):
             if id(p) not in seen:

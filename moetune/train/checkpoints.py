@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 
-from moetune.io.adapter import _fsync_dir, atomic_write_text
+from moetune.io.atomic import atomic_write_text, fsync_dir
 
 MARKER = "moetune_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -40,7 +40,7 @@ def mark_complete(directory: str, step: int) -> None:
         with open(os.path.join(directory, rel), "rb") as fh:
             os.fsync(fh.fileno())
     for root, _, _ in os.walk(directory):
-        _fsync_dir(root)
+        fsync_dir(root)
     record = {"step": step, "files": files}
     atomic_write_text(os.path.join(directory, MARKER), json.dumps(record, indent=1, sort_keys=True))
 
@@ -83,5 +83,5 @@ def clear_for_rewrite(directory: str) -> None:
     marker = os.path.join(directory, MARKER)
     if os.path.exists(marker):
         os.unlink(marker)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     shutil.rmtree(directory)

@@ -400,7 +400,7 @@ def test_weighted_slot_sum_by_hand_and_against_autograd(with_init: bool) -> None
 def test_silu_glu_equals_autograd_of_the_two_ops() -> None:
     """SiluGLU keeps only gate and up and recomputes silu in backward: value and gradients equal to
     autograd of silu(gate) * up (same formulas, float64), also with `up` broadcast from (T, F)."""
-    from moetune.core.architectures import SiluGLU
+    from moetune.core.kernels import SiluGLU
 
     gen = torch.Generator().manual_seed(0)
     gate = torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
@@ -429,7 +429,7 @@ def test_silu_glu_writes_its_gradients_over_inputs_it_owns() -> None:
     """SiluGLU(owns_inputs=True): the same value and gradients as autograd of the two ops; a backward
     that frees the graph writes the gradients over gate and up (no fresh tensors), one under
     retain_graph leaves them intact, so a second backward gets the same gradients."""
-    from moetune.core.architectures import SiluGLU
+    from moetune.core.kernels import SiluGLU
 
     gen = torch.Generator().manual_seed(1)
     gate0, up0, grad = (torch.randn(2, 5, 3, dtype=torch.float64, generator=gen) for _ in range(3))

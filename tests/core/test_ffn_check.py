@@ -39,7 +39,7 @@ def test_lookalike_blocks_are_refused_and_linear_experts_work(family: str, modul
     before = logits(model, ids())
     with pytest.raises(ValueError, match=rf"{module}.*{why}.*expert_type='linear'"):
         moetune.get_moe_model(model, moetune.MoEConfig(num_experts=4))
-    assert not any(isinstance(m, moetune.core.layers.ADAPTER_MODULES) for m in model.modules())  # untouched
+    assert not any(isinstance(m, moetune.core.layers.AdapterLayer) for m in model.modules())  # untouched
     torch.testing.assert_close(logits(model, ids()), before, rtol=0, atol=0)
     moe = moetune.get_moe_model(model, moetune.MoEConfig(expert_type="linear", num_experts=4))
     torch.testing.assert_close(logits(moe, ids()), before, rtol=1e-5, atol=1e-6)  # B = 0: the base model

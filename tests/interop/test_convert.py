@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import moetune
 from moetune.app.cli import main
 from moetune.config import CONFIG_NAME
-from moetune.interop import mixlora as convert
+from moetune.interop import mixlora
 from moetune.io.adapter import WEIGHTS_NAME, read_weights
 from moetune.io.provenance import BaseMismatchError
 from tests.helpers.tiny_models import tiny_batch, tiny_model
@@ -96,9 +96,9 @@ def package_config(cfg: dict) -> MixLoraConfig:
 
 def write_mixlora(directory, cfg: dict, weights: dict[str, torch.Tensor]) -> str:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, convert.MIXLORA_CONFIG), "w") as fh:
+    with open(os.path.join(directory, mixlora.MIXLORA_CONFIG), "w") as fh:
         json.dump(cfg, fh)
-    torch.save(weights, os.path.join(directory, convert.MIXLORA_WEIGHTS))
+    torch.save(weights, os.path.join(directory, mixlora.MIXLORA_WEIGHTS))
     return str(directory)
 
 
@@ -131,7 +131,7 @@ def test_mixlora_adapter_converts_to_equal_logits(tmp_path, family, attention, e
     batch = tiny_batch(family)
     expected = logits(mixlora_model(family, cfg, weights), batch)
 
-    moe_cfg = convert.from_mixlora(src, tmp_path / "moe")
+    moe_cfg = mixlora.from_mixlora(src, tmp_path / "moe")
     got = logits(moetune.MoEModel.from_pretrained(tiny_model(family), tmp_path / "moe"), batch)
     base = logits(tiny_model(family), batch)
     assert (expected - base).abs().max() > 0.05  # the adapter does change the outputs
@@ -144,7 +144,7 @@ def test_mixlora_adapter_converts_to_equal_logits(tmp_path, family, attention, e
 def test_import_without_base_writes_save_pretrained_files_without_fingerprint(tmp_path):
     cfg = mixlora_config("llama")
     src = write_mixlora(tmp_path / "mix", cfg, random_mixlora_weights("llama", cfg))
-    convert.from_mixlora(src, tmp_path / "moe")
+    mixlora.from_mixlora(src, tmp_path / "moe")
     assert sorted(os.listdir(tmp_path / "moe")) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     assert sorted(os.listdir(tmp_path)) == ["mix", "moe"]  # no temporary directory left
     read_weights(str(tmp_path / "moe" / WEIGHTS_NAME))  # checksums verify
@@ -159,7 +159,7 @@ def test_import_without_base_writes_save_pretrained_files_without_fingerprint(tm
     before = {
         n: (type(m), [p.requires_grad for p in m.parameters(recurse=False)]) for n, m in base.named_modules()
     }
-    convert.from_mixlora(src, tmp_path / "moe-base", base=base)
+    mixlora.from_mixlora(src, tmp_path / "moe-base", base=base)
     after = {
         n: (type(m), [p.requires_grad for p in m.parameters(recurse=False)]) for n, m in base.named_modules()
     }
@@ -181,7 +181,7 @@ def test_import_folds_a_different_attention_scaling_into_b(tmp_path):
     }
     batch = tiny_batch("llama")
     expected = logits(mixlora_model("llama", reference, halved), batch)
-    convert.from_mixlora(src, tmp_path / "moe")
+    mixlora.from_mixlora(src, tmp_path / "moe")
     got = logits(moetune.MoEModel.from_pretrained(tiny_model("llama"), tmp_path / "moe"), batch)
     assert (got - expected).abs().max() < TOL
 
@@ -195,7 +195,7 @@ def test_moetune_adapter_exports_to_equal_logits_in_mixlora(tmp_path, family, ov
     batch = tiny_batch(family)
     expected = logits(model, batch)
     model.save_pretrained(tmp_path / "moe")
-    data = convert.to_mixlora(tmp_path / "moe", tmp_path / "mix", base=tiny_model(family))
+    data = mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix", base=tiny_model(family))
     assert data["act_fn"] == "silu" and data["routing_strategy"] == "mixlora"
     config, weights = load_adapter_weights(str(tmp_path / "mix"), device="cpu")  # the package's loader
     got = logits(mixlora_model(family, config, weights), batch)
@@ -210,9 +210,9 @@ def test_round_trip_moetune_mixlora_moetune_is_bitwise(tmp_path):
     )
     model.save_pretrained(tmp_path / "a")
     with pytest.warns(UserWarning, match="ignores expert_lora"):  # attention rank 2 != expert rank 4
-        data = convert.to_mixlora(tmp_path / "a", tmp_path / "mix", act_fn="silu")
+        data = mixlora.to_mixlora(tmp_path / "a", tmp_path / "mix", act_fn="silu")
     assert data["r"] == 2 and data["expert_lora"] == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05}
-    back = convert.from_mixlora(tmp_path / "mix", tmp_path / "b")
+    back = mixlora.from_mixlora(tmp_path / "mix", tmp_path / "b")
     a, b = load_file(tmp_path / "a" / WEIGHTS_NAME), load_file(tmp_path / "b" / WEIGHTS_NAME)
     assert sorted(a) == sorted(b)
     for key in a:
@@ -230,10 +230,10 @@ def test_round_trip_moetune_mixlora_moetune_is_bitwise(tmp_path):
 def test_round_trip_mixlora_moetune_mixlora_is_bitwise(tmp_path):
     cfg = mixlora_config("qwen2", jitter_noise=0.05, router_aux_loss_coef=0.01)
     weights = random_mixlora_weights("qwen2", cfg)
-    convert.from_mixlora(write_mixlora(tmp_path / "mix", cfg, weights), tmp_path / "moe")
+    mixlora.from_mixlora(write_mixlora(tmp_path / "mix", cfg, weights), tmp_path / "moe")
     with pytest.warns(UserWarning, match="jitter_noise at inference"):
-        data = convert.to_mixlora(tmp_path / "moe", tmp_path / "mix2", act_fn="silu")
-    again = torch.load(tmp_path / "mix2" / convert.MIXLORA_WEIGHTS, weights_only=True)
+        data = mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix2", act_fn="silu")
+    again = torch.load(tmp_path / "mix2" / mixlora.MIXLORA_WEIGHTS, weights_only=True)
     assert sorted(again) == sorted(weights)
     assert all(torch.equal(again[k], weights[k]) for k in weights)
     for key in (
@@ -266,8 +266,8 @@ EXPORT_REFUSALS = [
 @pytest.mark.parametrize("overrides, reason", EXPORT_REFUSALS, ids=[r for _, r in EXPORT_REFUSALS])
 def test_export_refuses_what_mixlora_cannot_hold(tmp_path, overrides, reason):
     random_moetune("llama", **overrides).save_pretrained(tmp_path / "moe")
-    with pytest.raises(convert.ConversionError, match=reason):
-        convert.to_mixlora(tmp_path / "moe", tmp_path / "mix", act_fn="silu")
+    with pytest.raises(mixlora.ConversionError, match=reason):
+        mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix", act_fn="silu")
     assert not (tmp_path / "mix").exists()
 
 
@@ -275,7 +275,7 @@ def test_export_refuses_a_nonzero_expert_bias_task_blocks_and_unnamed_targets(tm
     model = random_moetune("llama", bias_update_rate=0.01)
     model.save_pretrained(tmp_path / "zero-bias")  # bias balancing on, bias still 0: exportable
     with pytest.warns(UserWarning, match="bias_update_rate"):
-        convert.to_mixlora(tmp_path / "zero-bias", tmp_path / "mix0", act_fn="silu")
+        mixlora.to_mixlora(tmp_path / "zero-bias", tmp_path / "mix0", act_fn="silu")
     with torch.no_grad():
         next(layer for _, layer in model.moe_layers()).router.expert_bias[1] = 0.25
     model.save_pretrained(tmp_path / "bias")
@@ -288,20 +288,20 @@ def test_export_refuses_a_nonzero_expert_bias_task_blocks_and_unnamed_targets(tm
         ("tasks", "2 task blocks"),
         ("gpt2", "has no MixLoRA counterpart"),
     ]:
-        with pytest.raises(convert.ConversionError, match=reason):
-            convert.to_mixlora(tmp_path / name, tmp_path / f"mix-{name}", act_fn="silu")
+        with pytest.raises(mixlora.ConversionError, match=reason):
+            mixlora.to_mixlora(tmp_path / name, tmp_path / f"mix-{name}", act_fn="silu")
         assert not (tmp_path / f"mix-{name}").exists()
 
 
 def test_export_needs_the_activation(tmp_path):
     random_moetune("llama").save_pretrained(tmp_path / "moe")  # a base built from a config: no name
-    with pytest.raises(convert.ConversionError, match="records no base model.*act_fn"):
-        convert.to_mixlora(tmp_path / "moe", tmp_path / "mix")
-    with pytest.raises(convert.ConversionError, match="act_fn='swiglu'"):
-        convert.to_mixlora(tmp_path / "moe", tmp_path / "mix", act_fn="swiglu")
+    with pytest.raises(mixlora.ConversionError, match="records no base model.*act_fn"):
+        mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix")
+    with pytest.raises(mixlora.ConversionError, match="act_fn='swiglu'"):
+        mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix", act_fn="swiglu")
     base_dir = tmp_path / "base"
     tiny_model("llama").config.save_pretrained(base_dir)  # a model directory's config is enough
-    assert convert.to_mixlora(tmp_path / "moe", tmp_path / "mix", base=base_dir)["act_fn"] == "silu"
+    assert mixlora.to_mixlora(tmp_path / "moe", tmp_path / "mix", base=base_dir)["act_fn"] == "silu"
 
 
 IMPORT_REFUSALS = [  # (config change, (tensor to add with its shape, or to remove), reason)
@@ -334,21 +334,21 @@ def test_import_refuses_what_moetune_cannot_compute_alike(tmp_path, change, dama
         else:
             weights[name] = torch.ones(shape)
     src = write_mixlora(tmp_path / "mix", cfg, weights)
-    with pytest.raises(convert.ConversionError, match=reason):
-        convert.from_mixlora(src, tmp_path / "moe")
+    with pytest.raises(mixlora.ConversionError, match=reason):
+        mixlora.from_mixlora(src, tmp_path / "moe")
     assert not (tmp_path / "moe").exists()
 
 
 def test_import_checks_act_fn_and_unreadable_files_against_a_base(tmp_path):
     cfg = mixlora_config("llama", act_fn="gelu")
     src = write_mixlora(tmp_path / "mix", cfg, random_mixlora_weights("llama", cfg))
-    convert.from_mixlora(src, tmp_path / "trusted")  # without a base, act_fn cannot be checked
+    mixlora.from_mixlora(src, tmp_path / "trusted")  # without a base, act_fn cannot be checked
     base = tiny_model("llama")
-    with pytest.raises(convert.ConversionError, match="act_fn='gelu' differs.*'silu'"):
-        convert.from_mixlora(src, tmp_path / "moe", base=base)
-    (tmp_path / "mix" / convert.MIXLORA_WEIGHTS).write_bytes(b"not a pickle")
-    with pytest.raises(convert.ConversionError, match="adapter_model.bin: not a readable tensor file"):
-        convert.from_mixlora(src, tmp_path / "moe")
+    with pytest.raises(mixlora.ConversionError, match="act_fn='gelu' differs.*'silu'"):
+        mixlora.from_mixlora(src, tmp_path / "moe", base=base)
+    (tmp_path / "mix" / mixlora.MIXLORA_WEIGHTS).write_bytes(b"not a pickle")
+    with pytest.raises(mixlora.ConversionError, match="adapter_model.bin: not a readable tensor file"):
+        mixlora.from_mixlora(src, tmp_path / "moe")
 
 
 def test_a_safetensors_mixlora_file_is_read_too(tmp_path):
@@ -358,10 +358,10 @@ def test_a_safetensors_mixlora_file_is_read_too(tmp_path):
     weights = random_mixlora_weights("llama", cfg)
     write_mixlora(tmp_path / "bin", cfg, weights)
     os.makedirs(tmp_path / "st")
-    (tmp_path / "st" / convert.MIXLORA_CONFIG).write_text(json.dumps(cfg))
-    save_file(weights, tmp_path / "st" / convert.MIXLORA_SAFETENSORS)
-    convert.from_mixlora(tmp_path / "bin", tmp_path / "a")
-    convert.from_mixlora(tmp_path / "st", tmp_path / "b")
+    (tmp_path / "st" / mixlora.MIXLORA_CONFIG).write_text(json.dumps(cfg))
+    save_file(weights, tmp_path / "st" / mixlora.MIXLORA_SAFETENSORS)
+    mixlora.from_mixlora(tmp_path / "bin", tmp_path / "a")
+    mixlora.from_mixlora(tmp_path / "st", tmp_path / "b")
     a, b = load_file(tmp_path / "a" / WEIGHTS_NAME), load_file(tmp_path / "b" / WEIGHTS_NAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -379,7 +379,7 @@ def test_cli_convert_both_ways_and_one_line_errors(tmp_path, capsys):
     assert main(["convert", "--from", "mixlora", src, dst, "--overwrite"]) == 0
     moetune.MoEModel.from_pretrained(tiny_model("llama"), dst)
     assert main(["convert", "--to", "mixlora", dst, str(tmp_path / "mix2"), "--act-fn", "silu"]) == 0
-    assert sorted(os.listdir(tmp_path / "mix2")) == [convert.MIXLORA_CONFIG, convert.MIXLORA_WEIGHTS]
+    assert sorted(os.listdir(tmp_path / "mix2")) == [mixlora.MIXLORA_CONFIG, mixlora.MIXLORA_WEIGHTS]
     capsys.readouterr()
 
     random_moetune("llama", router="soft", aux_loss_coef=0.0).save_pretrained(tmp_path / "soft")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import moetune
 from moetune.config import CONFIG_NAME
-from moetune.io import adapter as serialization
+from moetune.io import adapter as adapter_format
 from moetune.io.adapter import WEIGHTS_NAME
 from moetune.io.provenance import BaseMismatchError, base_parameters, fingerprint
 from tests.helpers.tiny_models import tiny_batch, tiny_chat_tokenizer, tiny_model
@@ -262,12 +262,12 @@ def adapter_of(cfg_kw: dict, path) -> tuple[moetune.MoEConfig, dict[str, torch.T
         if p.requires_grad:  # every tensor nonzero and distinct from the other adapter's
             torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(path)
-    return model.moe_config, {k: v.clone() for k, v in serialization.adapter_state_dict(model).items()}
+    return model.moe_config, {k: v.clone() for k, v in adapter_format.adapter_state_dict(model).items()}
 
 
 def loaded_adapter(path) -> tuple[moetune.MoEConfig, dict[str, torch.Tensor]]:
     model = moetune.MoEModel.from_pretrained(tiny_model("llama"), path)
-    return model.moe_config, serialization.adapter_state_dict(model)
+    return model.moe_config, adapter_format.adapter_state_dict(model)
 
 
 class SimulatedCrash(Exception):
@@ -282,12 +282,12 @@ def test_interrupted_save_leaves_the_complete_old_or_new_adapter(tmp_path, monke
     old_cfg, old = adapter_of(OLD_CFG, tmp_path)
     model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**NEW_CFG))
     torch.nn.init.normal_(next(p for p in model.parameters() if p.requires_grad), std=0.1)
-    new = {k: v.clone() for k, v in serialization.adapter_state_dict(model).items()}
+    new = {k: v.clone() for k, v in adapter_format.adapter_state_dict(model).items()}
 
     writes, renames = [], []
     real_save_file, real_write_text, real_replace = (
-        serialization.save_file,
-        serialization.atomic_write_text,
+        adapter_format.save_file,
+        adapter_format.atomic_write_text,
         os.replace,
     )
 
@@ -310,8 +310,8 @@ def test_interrupted_save_leaves_the_complete_old_or_new_adapter(tmp_path, monke
             raise SimulatedCrash
         real_replace(src, dst)
 
-    monkeypatch.setattr(serialization, "save_file", save_file)
-    monkeypatch.setattr(serialization, "atomic_write_text", write_text)
+    monkeypatch.setattr(adapter_format, "save_file", save_file)
+    monkeypatch.setattr(adapter_format, "atomic_write_text", write_text)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(SimulatedCrash):
         model.save_pretrained(tmp_path)
@@ -373,11 +373,11 @@ def test_metadata_holds_config_checksums_and_provenance(tmp_path):
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as fh:
         metadata = fh.metadata()
     text = (tmp_path / CONFIG_NAME).read_text()
-    assert metadata[serialization.META_CONFIG] == text and metadata[serialization.META_FORMAT] == "1"
-    sums = json.loads(metadata[serialization.META_SHA256])
-    assert sums == {k: serialization.tensor_sha256(v) for k, v in saved.items()}
+    assert metadata[adapter_format.META_CONFIG] == text and metadata[adapter_format.META_FORMAT] == "1"
+    sums = json.loads(metadata[adapter_format.META_SHA256])
+    assert sums == {k: adapter_format.tensor_sha256(v) for k, v in saved.items()}
     zeros = [torch.zeros(4), torch.zeros(2, 2), torch.zeros(4, dtype=torch.int32)]  # same bytes
-    assert len({serialization.tensor_sha256(t) for t in zeros}) == 3  # dtype and shape enter the digest
+    assert len({adapter_format.tensor_sha256(t) for t in zeros}) == 3  # dtype and shape enter the digest
 
     data = json.loads(text)
     assert {k: v for k, v in data.items() if not k.startswith("_")} == cfg.to_dict()
@@ -486,12 +486,12 @@ def test_convert_to_mixlora_finds_the_base_export_finds(yaml_run, tmp_path, monk
     """No --base, no --act-fn: the activation comes from the base the run record names (relative to
     the directory the run started in), as `export` and `generate` find it."""
     from moetune.app.cli import main
-    from moetune.interop import mixlora as convert
+    from moetune.interop import mixlora
 
     root, _ = yaml_run
     monkeypatch.chdir(tmp_path)
     assert main(["convert", "--to", "mixlora", str(root / "out" / "adapter"), "mix"]) == 0
-    with open(tmp_path / "mix" / convert.MIXLORA_CONFIG) as fh:
+    with open(tmp_path / "mix" / mixlora.MIXLORA_CONFIG) as fh:
         assert json.load(fh)["act_fn"] == "silu"
 
 
