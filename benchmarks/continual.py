@@ -31,18 +31,8 @@ from typing import Any
 import torch
 
 from moetune.app import demo
-from moetune.app.run import (
-    CURATED_DATA,
-    AddExperts,
-    DataConfig,
-    DataSource,
-    RunConfig,
-    StageConfig,
-    Tasks,
-    evaluate_tasks,
-    trainer_inputs,
-    training_mixture,
-)
+from moetune.app.run import CURATED_DATA, Tasks, evaluate_tasks, trainer_inputs, training_mixture
+from moetune.app.run_config import AddExperts, DataConfig, DataSource, RunConfig, StageConfig
 from moetune.app.stages import run_stages
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

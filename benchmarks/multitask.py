@@ -253,15 +253,8 @@ def run_one(
     and score every validation item; the test items are scored from the saved adapter (`score_test`)."""
     from transformers import Trainer
 
-    from moetune.app.run import (
-        CURATED_DATA,
-        DataConfig,
-        RunConfig,
-        Tasks,
-        fit,
-        trainer_inputs,
-        training_mixture,
-    )
+    from moetune.app.run import CURATED_DATA, Tasks, fit, trainer_inputs, training_mixture
+    from moetune.app.run_config import DataConfig, RunConfig
     from moetune.model import get_moe_model
 
     method = get_method(name)

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from moetune.app import demo
-from moetune.app.run import RunConfig, evaluate_tasks, train_and_evaluate, trainer_inputs, training_mixture
+from moetune.app.run import evaluate_tasks, train_and_evaluate, trainer_inputs, training_mixture
+from moetune.app.run_config import RunConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from outputs import write_outputs  # noqa: E402

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moetune.config import MoEConfig
 from moetune.core import losses, stats
+from moetune.core import tasks as tasks_of
 from moetune.core.checkpointing import AuxTap, tap_gradient
 from moetune.core.injection import inject
 from moetune.core.layers import (
@@ -95,7 +96,7 @@ class MoEModel(nn.Module):
         among its task's experts alone (`use_tasks` is ignored for that forward), each task's samples
         routed as a batch of their own (balance losses are averaged over routers and these groups)."""
         batch = next((v.shape[0] for v in (input_ids, inputs_embeds) if v is not None and v.dim() >= 2), None)
-        sample_tasks = None if task_ids is None else self._sample_tasks(task_ids, batch)
+        sample_tasks = None if task_ids is None else tasks_of.sample_groups(self.moe_config, task_ids, batch)
         named = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -359,60 +360,9 @@ class MoEModel(nn.Module):
         """Route every token among the experts of `tasks` (names) alone, e.g. an old task's own experts.
         A task that owns no experts (`extra_tasks`) routes among all of them. With task routing, name one
         task: the routers read its embedding."""
-        names = [tasks] if isinstance(tasks, str) else list(tasks)
-        if not names:
-            raise ValueError(f"use_tasks: no task given; tasks: {self.tasks}")
-        indices = sorted({self._task_index(name, "use_tasks") for name in names})
-        if self.moe_config.task_routing != "none" and len(indices) > 1:
-            raise ValueError(
-                f"use_tasks: {names} names {len(indices)} tasks, but task_routing="
-                f"{self.moe_config.task_routing!r} routes by the embedding of one task: name one"
-            )
-        with (
-            self._context_set("tasks", self._blocks_of(indices)),
-            self._context_set("task", indices[0] if len(indices) == 1 else None),
-        ):
+        blocks, task = tasks_of.restriction(self.moe_config, tasks, "use_tasks")
+        with self._context_set("tasks", blocks), self._context_set("task", task):
             yield
-
-    def _blocks_of(self, task_indices: Iterable[int]) -> tuple[int, ...] | None:
-        """The expert blocks tasks may route among: their own, or all (None) if one of them owns none."""
-        owned = self.moe_config.task_blocks()
-        blocks = [owned[t] for t in task_indices]
-        return None if None in blocks else tuple(sorted(set(blocks)))
-
-    def _task_index(self, task: Any, where: str) -> int:
-        tasks = self.tasks
-        if isinstance(task, str) and task in tasks:
-            return tasks.index(task)
-        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(tasks):
-            return task
-        raise ValueError(
-            f"{where}: unknown task {task!r}: tasks are {tasks} (by name, or by index 0..{len(tasks) - 1})"
-        )
-
-    def _sample_tasks(
-        self, task_ids: Any, batch: int | None
-    ) -> list[tuple[tuple[int, ...] | None, int, Tensor]]:
-        """`task_ids` checked and grouped: (expert blocks, task index, indices of its samples) per task."""
-        if isinstance(task_ids, Tensor):
-            if task_ids.dim() != 1 or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
-                raise ValueError(
-                    f"task_ids: expected an integer tensor of shape (batch,), got {task_ids.dtype} of "
-                    f"shape {tuple(task_ids.shape)}"
-                )
-            task_ids = task_ids.tolist()
-        if not isinstance(task_ids, (list, tuple)) or not task_ids:
-            raise ValueError(
-                f"task_ids: expected one task per sample (a (batch,) integer tensor or a list of task "
-                f"names), got {task_ids!r}"
-            )
-        ids = [self._task_index(t, "task_ids") for t in task_ids]
-        if batch is not None and len(ids) != batch:
-            raise ValueError(f"task_ids: {len(ids)} tasks given for a batch of {batch} samples")
-        samples: dict[int, list[int]] = {}
-        for i, task in enumerate(ids):
-            samples.setdefault(task, []).append(i)
-        return [(self._blocks_of([task]), task, torch.tensor(rows)) for task, rows in sorted(samples.items())]
 
     def reset_routing_stats(self) -> None:
         for _, layer in self.moe_layers():
@@ -485,7 +435,9 @@ class MoEModel(nn.Module):
         `task_ids` as in `forward` (one per sequence generated)."""
         mask = kwargs.get("attention_mask")
         self._ctx.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
-        self._ctx.sample_tasks = None if task_ids is None else self._sample_tasks(task_ids, None)
+        self._ctx.sample_tasks = (
+            None if task_ids is None else tasks_of.sample_groups(self.moe_config, task_ids, None)
+        )
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:

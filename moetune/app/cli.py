@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moetune.app import demo
-    from moetune.app.run import check_run, launched_rank, load_run_config, train_and_evaluate
+    from moetune.app.run import check_run, launched_rank, train_and_evaluate
+    from moetune.app.run_config import load_run_config
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("moe_") and v is not None}
     if args.config is None:

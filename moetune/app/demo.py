@@ -23,17 +23,8 @@ from typing import Any
 
 from moetune.app.data import Example
 from moetune.app.evaluation import EvalItem
-from moetune.app.run import (
-    CURATED_DATA,
-    ConfigError,
-    DataConfig,
-    DataSource,
-    ModelLoad,
-    RunConfig,
-    Tasks,
-    autocast_dtype,
-    held_out_items,
-)
+from moetune.app.run import CURATED_DATA, Tasks, autocast_dtype, held_out_items
+from moetune.app.run_config import ConfigError, DataConfig, DataSource, ModelLoad, RunConfig
 from moetune.config import MoEConfig
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -383,7 +374,7 @@ def load_adapter_run(
     else the adapter's provenance's. The held-out items: the files `data` (scored on the run's options
     where the run record has them), else the run's own test data, which need the run record.
     """
-    from moetune.app.run import load_run_config
+    from moetune.app.run_config import load_run_config
     from moetune.io.adapter import read_config
     from moetune.model import MoEModel
 

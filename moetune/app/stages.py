@@ -1,6 +1,6 @@
 """Continual-learning runs: stages trained one after the other, each may add experts for a new task.
 
-A YAML with `stages:` (see `moetune.app.run.StageConfig`) trains, per stage: `add_experts` (new experts
+A YAML with `stages:` (see `moetune.app.run_config.StageConfig`) trains, per stage: `add_experts` (new experts
 for a new task, everything before frozen by default, survey §2.3), then MoETrainer on the stage's own
 data. After every stage all held-out tasks (top-level `data.test` and each stage's) are evaluated
 with task routing (each task's items under `use_tasks([task])`, when `route_by_task`) and, for a
@@ -23,8 +23,6 @@ import torch
 
 from moetune.app.evaluation import EvalItem
 from moetune.app.run import (
-    ConfigError,
-    RunConfig,
     Tasks,
     autocast_dtype,
     check_held_out,
@@ -35,6 +33,7 @@ from moetune.app.run import (
     tasks_from_config,
     training_mixture,
 )
+from moetune.app.run_config import ConfigError, RunConfig
 from moetune.io.atomic import atomic_write_text
 from moetune.model import MoEModel, get_moe_model
 

@@ -39,8 +39,7 @@ from moetune.core.experts import (
 )
 from moetune.core.routing import DTYPES, Router, Routing
 from moetune.core.stats import accumulate_stats
-
-Blocks = tuple[int, ...] | None  # task blocks whose experts a token may use; None = every expert
+from moetune.core.tasks import Blocks, SampleGroup
 
 
 def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
@@ -87,7 +86,7 @@ class RoutingContext:
     tasks: tuple[int, ...] | None = None  # `use_tasks`: the task blocks every token may use; None = all
     task: int | None = None  # `use_tasks` with one task: its index (task routing, per-task statistics)
     # `task_ids`: (task blocks, task index, indices of its samples (n,)) per task present in the batch
-    sample_tasks: list[tuple[Blocks, int, Tensor]] | None = None
+    sample_tasks: list[SampleGroup] | None = None
     # the state of the last MoEModel forward (its fields are cleared when it returns), for activation
     # checkpointing, which re-runs parts of that forward inside backward
     replay: RoutingContext | None = None

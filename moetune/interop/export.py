@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from moetune.core.architectures import is_quantized
 from moetune.core.layers import AdapterLayer, LoRALinear, MoEFFN, TrainableCopy
 from moetune.core.routing import DTYPES
+from moetune.core.tasks import blocks_of, task_index
 from moetune.io.atomic import publish_dir
 from moetune.model import MoEModel
 
@@ -265,7 +266,7 @@ TARGETS = {
 
 # ---- checks ---------------------------------------------------------------------------------------
 def _task_blocks(model: MoEModel, tasks: Iterable[str] | None) -> tuple[int, ...]:
-    """The expert blocks `tasks` route among, as `use_tasks(tasks)` (None: every block)."""
+    """The expert blocks `tasks` route among, as under `use_tasks(tasks)` (None: every block)."""
     cfg = model.moe_config
     every = tuple(range(1 + len(cfg.added_experts)))
     if tasks is None:
@@ -273,12 +274,11 @@ def _task_blocks(model: MoEModel, tasks: Iterable[str] | None) -> tuple[int, ...
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if not names:
         raise ExportError(f"tasks=[]: name at least one task; tasks: {model.tasks}")
-    unknown = [t for t in names if t not in model.tasks]
-    if unknown:
-        raise ExportError(f"tasks: unknown task {unknown[0]!r}; tasks: {model.tasks}")
-    owned = cfg.task_blocks()  # per task: its block, or None for a task that owns none (routes among all)
-    blocks = {owned[model.tasks.index(t)] for t in names}
-    return every if None in blocks else tuple(sorted(blocks))
+    try:
+        blocks = blocks_of(cfg, [task_index(cfg, name, "tasks") for name in names])
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    return every if blocks is None else blocks
 
 
 def check_exportable(model: MoEModel, target: Target, blocks: tuple[int, ...]) -> dict[str, MoEFFN]:

@@ -370,7 +370,7 @@ def test_a_bitsandbytes_4bit_base_from_the_yaml(root) -> None:
     "name", ["sft.yaml", "continual.yaml", "hub-bf16.yaml", "qlora.yaml", "hub-alpaca.yaml", "multi-gpu.yaml"]
 )
 def test_every_example_config_parses(name) -> None:
-    from moetune.app.run import load_run_config
+    from moetune.app.run_config import load_run_config
 
     examples = os.path.join(
         os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"
@@ -398,7 +398,7 @@ def test_datasets_in_every_record_format(root) -> None:
     a column mapping: each becomes the same kind of example, the loss on the answer."""
     import datasets
 
-    from moetune.app.run import DataSource
+    from moetune.app.run_config import DataSource
 
     datasets.Dataset.from_list(ALPACA).save_to_disk(str(root / "alpaca-ds"))
     alpaca = DataSource(dataset=str(root / "alpaca-ds")).examples()

@@ -10,7 +10,7 @@ import pytest
 
 from moetune.app.data import DataError, Example, deduplicate, encode, load_examples, mix
 from moetune.app.evaluation import wilson_interval
-from moetune.app.run import ConfigError, load_run_config, parse_run_config
+from moetune.app.run_config import ConfigError, load_run_config, parse_run_config
 from tests.helpers.tiny_models import tiny_chat_tokenizer
 
 

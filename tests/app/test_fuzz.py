@@ -4,7 +4,7 @@ Contract checked on every input: a loader either returns a well-formed result, o
 error type with a message naming the file —
 
 * `moetune.app.data.load_examples` (.jsonl / .json / .csv): `DataError` (a ValueError);
-* `moetune.app.run.load_run_config` (YAML): `ConfigError` (a ValueError);
+* `moetune.app.run_config.load_run_config` (YAML): `ConfigError` (a ValueError);
 * `MoEConfig.load` (moetune_config.json): ValueError; `MoEConfig.from_dict`: ValueError.
 
 Never another exception type (KeyError, TypeError, AttributeError, RecursionError, csv.Error, a bare
@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moetune.app.data import KNOWN_KEYS, DataError, Example, load_examples
-from moetune.app.run import ConfigError, RunConfig, load_run_config
+from moetune.app.run_config import ConfigError, RunConfig, load_run_config
 from moetune.config import CONFIG_NAME, MoEConfig
 
 FUZZ = settings(

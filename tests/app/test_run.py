@@ -12,7 +12,8 @@ import torch
 
 from moetune.app.data import Example
 from moetune.app.evaluation import EvalItem, evaluate
-from moetune.app.run import DataConfig, RunConfig, Tasks, train_and_evaluate
+from moetune.app.run import Tasks, train_and_evaluate
+from moetune.app.run_config import DataConfig, RunConfig
 from moetune.config import MoEConfig
 from moetune.model import MoEModel
 from tests.helpers.tiny_models import tiny_chat_tokenizer, tiny_model
@@ -186,7 +187,8 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> No
     restarting per example, no attention mask); loss, balance losses and gradients equal those of the
     padded batch of the same examples, with the output head at every position or (label_logits_only)
     only at the positions that predict a label."""
-    from moetune.app.run import ConfigError, trainer_inputs, training_mixture
+    from moetune.app.run import trainer_inputs, training_mixture
+    from moetune.app.run_config import ConfigError
     from moetune.model import get_moe_model
 
     tokenizer = tiny_chat_tokenizer()
@@ -287,7 +289,7 @@ def test_training_data_is_used_as_given_unless_a_rule_says_otherwise() -> None:
 
 
 def test_mixture_settings_need_balance_tasks() -> None:
-    from moetune.app.run import ConfigError, DataSource
+    from moetune.app.run_config import ConfigError, DataSource
 
     with pytest.raises(ConfigError, match=r"train_size=100: needs balance_tasks: true"):
         DataConfig(train_size=100)
@@ -299,7 +301,8 @@ def test_mixture_settings_need_balance_tasks() -> None:
 
 
 def test_held_out_checks_by_hand() -> None:
-    from moetune.app.run import ConfigError, check_held_out
+    from moetune.app.run import check_held_out
+    from moetune.app.run_config import ConfigError
 
     item = EvalItem(_records("b", ["b0"])[0])
     check_held_out({"a"}, {"b": [item]}, allow_untrained=True)  # transfer to an untrained task: asked for

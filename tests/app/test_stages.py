@@ -14,7 +14,8 @@ import yaml
 
 from moetune.app import cli
 from moetune.app.data import DataError
-from moetune.app.run import ConfigError, load_run_config, trainer_inputs
+from moetune.app.run import trainer_inputs
+from moetune.app.run_config import ConfigError, load_run_config
 from moetune.app.stages import run_stages, stage_tasks
 from moetune.io.adapter import read_weights
 from tests.helpers.tiny_models import tiny_chat_tokenizer, tiny_model
@@ -125,7 +126,7 @@ def test_task_a_survives_stage_b_exactly(finished) -> None:
 
 def test_training_batches_carry_the_task_index(tmp_path) -> None:
     from moetune.app.data import Example
-    from moetune.app.run import RunConfig
+    from moetune.app.run_config import RunConfig
 
     mixture = [Example((("user", "q"), ("assistant", "a")), t) for t in ("B", "A", "B")]
     inputs = trainer_inputs(tiny_chat_tokenizer(), RunConfig(), mixture, str(tmp_path), ["A", "B"])
