@@ -34,18 +34,18 @@ class MoEModel(nn.Module):
     weighted balance losses to `out.loss` when labels are given. Unknown attributes are looked up on
     the base model (`config`, `generate`, ...), as with peft's `PeftModel`.
 
-    Tasks and continual learning (survey §2.3). Every routed expert belongs to a task: the experts
-    created at injection to `MoEConfig.task`, each `add_experts(n, task=...)` block to its task
-    (`tasks` lists them in order of creation; a task's index is its position). Routing is among all
-    experts unless restricted: `with use_tasks(["A"]):` for every token, or `task_ids` per sample
-    (`forward(..., task_ids=...)`, also `generate`). Restricted tokens route among the owners' experts
-    alone (the other logits never enter the softmax: the owners' probabilities are those before the
-    expansion), with k shrunk to the experts the tasks own; tasks that own no experts (`extra_tasks`)
-    route among all of them. Shared experts and attention LoRA serve every task. With `task_routing`
-    the routers also read the task's learned embedding (so every token needs a task).
-    Guarantee: after `add_experts(..., freeze_existing=True)` and any training, `use_tasks([old])` gives
-    the old task's outputs as before the expansion (the old experts are computed from their own blocks,
-    on the same shapes; tested bitwise in float32).
+    Tasks and continual learning (MoLE / MoE-LoRA continual learning: new experts per task, old ones
+    frozen). Every routed expert belongs to a task: the experts created at injection to `MoEConfig.task`,
+    each `add_experts(n, task=...)` block to its task (`tasks` lists them in order of creation; a task's
+    index is its position). Routing is among all experts unless restricted: `with use_tasks(["A"]):` for
+    every token, or `task_ids` per sample (`forward(..., task_ids=...)`, also `generate`). Restricted tokens
+    route among the owners' experts alone (the other logits never enter the softmax: the owners'
+    probabilities are those before the expansion), with k shrunk to the experts the tasks own; tasks that
+    own no experts (`extra_tasks`) route among all of them. Shared experts and attention LoRA serve every
+    task. With `task_routing` the routers also read the task's learned embedding (so every token needs a
+    task). Guarantee: after `add_experts(..., freeze_existing=True)` and any training, `use_tasks([old])`
+    gives the old task's outputs as before the expansion (the old experts are computed from their own
+    blocks, on the same shapes; tested bitwise in float32).
     """
 
     # transformers' Trainer refuses to fine-tune a quantized model unless trainable adapters are attached
@@ -199,7 +199,7 @@ class MoEModel(nn.Module):
         self.activation_checkpointing_disable()
 
     def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
-        """Each loss per router: name -> (R,) in the order of `records` (averaged over routers, SPEC §3)."""
+        """Each loss per router: name -> (R,) in the order of `records` (averaged over routers)."""
         cfg = self.moe_config
         per_router: dict[str, list[Tensor]] = {"aux_loss": [], "z_loss": [], "importance_loss": []}
         if cfg.contrastive_loss_coef > 0 and records[0].expert_outputs is not None:
@@ -210,7 +210,7 @@ class MoEModel(nn.Module):
         return {name: torch.stack(vals) for name, vals in per_router.items()}
 
     def _record_losses(self, rec: RouterRecord, with_contrastive: bool) -> dict[str, Tensor]:
-        """One router's balance losses (SPEC §3)."""
+        """One router's balance losses (`moetune.core.losses.balance_losses`)."""
         cfg, r = self.moe_config, rec.routing
         out = losses.balance_losses(r, rec.mask)
         if with_contrastive:
@@ -228,8 +228,8 @@ class MoEModel(nn.Module):
         logits_ok_R = torch.stack([(r.routing.logits.isfinite().all(-1) | ~r.mask).all() for r in records])
         ok_R = logits_ok_R
         if per_router:
-            losses_ok_LR = torch.stack([values.isfinite() for values in per_router.values()])
-            ok_R = logits_ok_R & losses_ok_LR.all(0)
+            losses_ok_XR = torch.stack([values.isfinite() for values in per_router.values()])
+            ok_R = logits_ok_R & losses_ok_XR.all(0)
         if bool(ok_R.all()):
             return
         i = int((~ok_R).nonzero()[0, 0])
@@ -244,7 +244,7 @@ class MoEModel(nn.Module):
             )
             problem = f"non-finite router logits in {records[i].name}: {cause}"
         else:
-            bad = [name for name, ok in zip(per_router, losses_ok_LR[:, i].tolist(), strict=True) if not ok]
+            bad = [name for name, ok in zip(per_router, losses_ok_XR[:, i].tolist(), strict=True) if not ok]
             problem = f"non-finite {', '.join(bad)} in {records[i].name} (its router logits are finite)"
         if self.moe_config.skip_nonfinite:
             self.nonfinite = problem
@@ -489,5 +489,5 @@ def get_moe_model(model: nn.Module, config: MoEConfig | None = None, *, check_ff
 
 
 def _mean_over_routers(per_router: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each balance loss averaged over the routers (SPEC §3): name -> (R,) values  -> name -> 0-dim."""
+    """Each balance loss averaged over the routers: name -> (R,) values  -> name -> 0-dim."""
     return {name: values.mean() for name, values in per_router.items()}

@@ -72,7 +72,7 @@ DEFAULT_TRAINING = dict(
     weight_decay=0.0,
     logging_steps=10,
     dataloader_drop_last=False,
-    bf16=True,  # autocast, float32 weights: bf16 GEMMs are about 2x faster on CPUs with AVX512-BF16
+    bf16=True,  # autocast, float32 weights: CPUs with AVX512-BF16 run bf16 GEMMs faster
 )
 
 

@@ -1,7 +1,7 @@
 """Continual-learning runs: stages trained one after the other, each may add experts for a new task.
 
 A YAML with `stages:` (see `moetune.app.run_config.StageConfig`) trains, per stage: `add_experts` (new experts
-for a new task, everything before frozen by default, survey §2.3), then MoETrainer on the stage's own
+for a new task, everything before frozen by default), then MoETrainer on the stage's own
 data. After every stage all held-out tasks (top-level `data.test` and each stage's) are evaluated
 with task routing (each task's items under `use_tasks([task])`, when `route_by_task`) and, for a
 model with several tasks and no `task_routing`, also with every expert open to every token. So a run

@@ -156,7 +156,7 @@ ATTENTION_SUFFIXES = (
     "attention.output.dense",  # BERT
 )
 
-# Default targets stay in the language model of a multimodal model (survey §2.1: the vision tower and
+# Default targets stay in the language model of a multimodal model (the vision tower and
 # projector are untouched unless the user names them).
 NON_LANGUAGE_SCOPES = re.compile(
     r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector|audio_tower)(\.|$)"

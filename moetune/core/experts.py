@@ -1,5 +1,20 @@
 """LoRA experts as stacked tensors: A (E, r, d_in), B (E, d_out, r), one block per task.
 
+Shape suffixes (torchtitan's convention: `x_TD` is a (T, D) tensor), one meaning each, in every module
+of moetune:
+  B  sequences of a batch                     L  positions of a sequence
+  T  tokens of a layer's input (B L flattened, or any subset of token rows)
+  D  input features of a projection (the hidden size at an FFN's input and output)
+  F  output features of a projection (an FFN's intermediate size at its input projections)
+  E  routed experts of a router                N  experts a computation covers (a view: <= E, + shared)
+  K  slots per token (top-k)                   r  LoRA rank (lower case: a size, never a set of rows)
+  M  stacked rank columns, N r                 S  slots sorted by expert (the T K slots, in expert order)
+  P  tokens sampled for the contrastive loss   R  routers of a model
+  V  vocabulary                                W  positions scored by an evaluation
+  X  entries of a small list (losses, pieces), where a name says what they are
+A trailing 1 is a broadcast dimension (`gate_TN1`). Rows of no fixed kind (the n tokens one expert
+receives) are named by what they hold (`rows`, `gate_rows`).
+
 Expert e computes the delta  s * B_e A_e x  (s = lora_alpha / r, Hu et al. 2021); asymmetric experts
 (HydraLoRA, Tian et al. 2024) share one A per block, A_e = A, and differ in their B_e. `add_block`
 appends experts for a new task as new tensors, so freezing the old ones is per tensor. `view` picks
@@ -128,10 +143,10 @@ class ExpertMath:
             start += A.shape[0]
         raise IndexError(f"expert {e} out of range 0..{self.num_experts - 1}")
 
-    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+    def expert(self, e: int, x_TD: Tensor) -> Tensor:
         """One expert's delta s * B_e A_e x, the obvious way (the reference path)  -> (N, d_out)."""
         A, B = self.expert_weights(e)
-        return ((x_ND.to(self.dtype) @ A.T) * self.scaling) @ B.T  # scale the (N, r) side
+        return ((x_TD.to(self.dtype) @ A.T) * self.scaling) @ B.T  # scale the (T, r) side
 
 
 class LoRAExperts(ExpertMath, nn.Module):
@@ -293,9 +308,7 @@ class WeightedSlotSum(torch.autograd.Function):
     """init + sum_k w_kt h_kt  -> (T, F), with a backward that writes one (K, T, F) gradient.
 
     Autograd of the loop over k would give each slot's select `h_KTF[k]` its own zero-padded (K, T, F)
-    gradient and add them up: four (K, T, F) tensors where one is needed. Measured on the ffn-heavy
-    benchmark shape (K=2, T=2048, F=5504, fp32, 2 cores): forward + backward 153 -> 48 ms, fresh memory
-    516 -> 129 MB (on CPU every large tensor is fresh pages, and page faults are a large part of a step).
+    gradient and add them up: four (K, T, F) tensors where one is needed (timings in benchmarks/README.md).
     With or without autograd the sum runs in the same order, so the results are the same bits.
     """
 

@@ -44,8 +44,8 @@ from moetune.core.tasks import Blocks, SampleGroup
 
 def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
     """Inverted dropout's multiplier (Srivastava et al. 2014): 0 with probability p, else 1 / (1 - p),
-    in `like`'s dtype and device. On CPU from uniform draws (u < 1 - p): 10.2 ms against 17.4 ms for
-    bernoulli_ at 2048 x 1376 on 2 cores; on GPUs bernoulli_ is one fused kernel."""
+    in `like`'s dtype and device. On CPU from uniform draws (u < 1 - p), faster there than bernoulli_;
+    on GPUs bernoulli_ is one fused kernel."""
     keep = 1.0 - p
     if like.device.type != "cpu":
         return like.new_empty(shape).bernoulli_(keep).div_(keep)
@@ -147,8 +147,8 @@ class RouterRecord:
     name: str
     routing: Routing
     mask: Tensor  # (T,) bool
-    expert_outputs: Tensor | None = None  # (S, E, D) every expert's delta on S sampled tokens
-    sample_active: Tensor | None = None  # (S, E) bool
+    expert_outputs: Tensor | None = None  # (P, E, D) every expert's delta on P sampled tokens
+    sample_active: Tensor | None = None  # (P, E) bool
     grad_enabled: bool = True  # autograd was on when routing (off: reentrant activation checkpointing)
 
 
@@ -279,8 +279,8 @@ class RoutedLayer(AdapterLayer):
         """The expert views of the experts tokens restricted to `blocks` use (numbered as `pieces`)."""
         raise NotImplementedError
 
-    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
-        """Every routed expert's delta on S tokens, no dropout: (S, E, D)."""
+    def all_expert_deltas(self, x_PD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        """Every routed expert's delta on P sampled tokens, no dropout: (P, E, D)."""
         raise NotImplementedError
 
     def _slots(self, routing: Routing, T: int) -> tuple[Tensor, Tensor]:
@@ -298,7 +298,7 @@ class RoutedLayer(AdapterLayer):
 
 
 def expert_rows(idx_TK: Tensor, w_TK: Tensor, e: int) -> tuple[Tensor, Tensor]:
-    """Reference path: the tokens with a slot on expert e, and the weight each gives it."""
+    """Reference path: the n tokens with a slot on expert e, and the weight each gives it: (n,), (n,)."""
     hit_TK = idx_TK == e
     rows = hit_TK.any(1).nonzero().squeeze(1)
     return rows, torch.where(hit_TK, w_TK, torch.zeros_like(w_TK)).sum(1)[rows]
@@ -435,9 +435,7 @@ class MoEFFN(RoutedLayer):
         of about `cpu_inference_block` tokens' slots each.
 
         Pieces keep the (S, F) slot tensors small, as token blocks do (`_fast_blocks`), while every
-        expert's GEMMs still run once per layer instead of once per block: on the small benchmark
-        model (E=8, 512-token pieces) about 4x fewer small ops; measured in separate processes, small
-        E=8 inference 1.06x peft LoRA against 1.11x for the token-blocked dense path in the same run.
+        expert's GEMMs still run once per layer instead of once per block (fewer small ops).
         """
         block = self.ctx.cpu_inference_block
         if isinstance(slots, SortedSlots) and block > 0 and not torch.is_grad_enabled():
@@ -460,11 +458,8 @@ class MoEFFN(RoutedLayer):
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None
     ) -> str:
         """How `_fast` computes the slots (`RoutingContext.dispatch` forces one):
-        - inference on CPU (eval mode, no autograd): "sorted". Measured on 2 cores, whole-model
-          inference against peft LoRA r=16 (benchmarks/README.md): at E=64 sorted 1.11-1.23x,
-          grouped 1.12-1.30x, dense 1.39-1.58x; at E=8 sorted and dense within noise of each
-          other (1.05-1.11x). With OMP_WAIT_POLICY=PASSIVE the sorted path's per-expert GEMMs
-          cost thread wake-ups: at E=8 it is then about 3% slower than dense.
+        - inference on CPU (eval mode, no autograd): "sorted", no padded slots and one GEMM per
+          expert; the fastest of the three at E=64, within noise of dense at E=8 (benchmarks/README.md).
         - otherwise "grouped" (`uses_grouped`) or "dense". Also under torch.compile: the sorted path's
           group sizes are data-dependent shapes (a graph break per layer).
         """
@@ -480,13 +475,10 @@ class MoEFFN(RoutedLayer):
 
     def uses_grouped(self, banks: dict[str, ExpertMath] | None = None) -> bool:
         """Grouped GEMMs once the dense path's extra work, about N r (1/d_in + 1/d_out) of the base
-        projection (PERF-NOTES), passes one quarter; dense below (static shapes, fewer kernels). N
-        counts the experts the tokens may use (`banks`, default all). Measured on 2 CPU cores, training
-        step against peft LoRA r=16 (benchmarks/README.md): ffn-heavy E=64 (0.34) grouped 1.20x, dense
-        1.45x; its MLP block at E=32 (0.17) grouped 1.33x, dense 1.41x; at E=8 (0.04) grouped 1.37x,
-        dense 1.22x; small E=8 (0.17) within 1% either way. On CUDA, float32 adapters stay dense:
-        torch's float32 grouped GEMM is a loop of GEMMs (H100, benchmarks/results/gpu-speed-h100.md:
-        E=64 training step 2.1-2.6x the dense path's)."""
+        projection, passes one quarter; dense below (static shapes, fewer kernels). N counts the
+        experts the tokens may use (`banks`, default all); the threshold comes from the training-step
+        measurements in benchmarks/README.md. On CUDA, float32 adapters stay dense: torch's float32
+        grouped GEMM is a loop of GEMMs."""
         banks = dict(self.experts) if banks is None else banks
         bank = next(iter(banks.values()))
         if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
@@ -508,15 +500,15 @@ class MoEFFN(RoutedLayer):
         return dropout_mask(x_TD, (x_TD.shape[0], F), self.lora_dropout.p)
 
     def _expert_ffn(
-        self, e: int | None, x_ND: Tensor, xd_ND: Tensor, banks: dict[str, ExpertMath] | None = None
+        self, e: int | None, x_TD: Tensor, xd_TD: Tensor, banks: dict[str, ExpertMath] | None = None
     ) -> Tensor:
         """FFN_e(x) without the post dropout (expert e of `banks`, default all); e=None is the frozen FFN."""
         banks = dict(self.experts) if banks is None else banks
         outs = []
         for p in self.spec.in_projs:
-            out = self._proj(p)(x_ND)
+            out = self._proj(p)(x_TD)
             if e is not None and p in banks:
-                out = out + banks[p].expert(e, xd_ND).to(out.dtype)
+                out = out + banks[p].expert(e, xd_TD).to(out.dtype)
             outs.append(out)
         h = self.spec.hidden_state(self.base_layer, outs)
         y = self._proj(self.spec.out_proj)(h)
@@ -530,16 +522,16 @@ class MoEFFN(RoutedLayer):
         y0_TD = self._expert_ffn(None, x_TD, xd_TD)
         delta_TD = torch.zeros_like(y0_TD)
         for e in range(next((bank.num_experts for bank in banks.values()), 0)):
-            rows, g_N = expert_rows(idx_TK, w_TK, e)
+            rows, gate_rows = expert_rows(idx_TK, w_TK, e)  # (n,) each
             if rows.numel():
                 y_e = self._expert_ffn(e, x_TD[rows], xd_TD[rows], banks)
-                delta_TD = delta_TD.index_add(0, rows, g_N[:, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
+                delta_TD = delta_TD.index_add(0, rows, gate_rows[:, None].to(y_e.dtype) * (y_e - y0_TD[rows]))
         return y0_TD + delta_TD
 
-    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
-        """FFN_e(x) - FFN(x) for every routed expert e of `banks`, no dropout: (S, E, D)."""
-        y0_SD = self._expert_ffn(None, x_SD, x_SD)
-        deltas = [self._expert_ffn(e, x_SD, x_SD, banks) - y0_SD for e in range(num_routed)]
+    def all_expert_deltas(self, x_PD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        """FFN_e(x) - FFN(x) for every routed expert e of `banks`, no dropout: (P, E, D)."""
+        y0_PD = self._expert_ffn(None, x_PD, x_PD)
+        deltas = [self._expert_ffn(e, x_PD, x_PD, banks) - y0_PD for e in range(num_routed)]
         return torch.stack(deltas, 1)
 
 
@@ -610,13 +602,15 @@ class MoELinear(WrapsLinear, RoutedLayer):
             return bank.dense(xd_TD, w_TN.scatter_add(1, idx_TK, w_TK))
         delta = torch.zeros(T, bank.d_out, dtype=bank.dtype, device=x_TD.device)
         for e in range(N):
-            rows, g_N = expert_rows(idx_TK, w_TK, e)
+            rows, gate_rows = expert_rows(idx_TK, w_TK, e)  # (n,) each
             if rows.numel():
-                delta = delta.index_add(0, rows, g_N[:, None].to(delta.dtype) * bank.expert(e, xd_TD[rows]))
+                delta = delta.index_add(
+                    0, rows, gate_rows[:, None].to(delta.dtype) * bank.expert(e, xd_TD[rows])
+                )
         return delta
 
-    def all_expert_deltas(self, x_SD: Tensor, banks: Any, num_routed: int) -> Tensor:
-        return torch.stack([banks.expert(e, x_SD) for e in range(num_routed)], 1)  # (S, E, d_out)
+    def all_expert_deltas(self, x_PD: Tensor, banks: Any, num_routed: int) -> Tensor:
+        return torch.stack([banks.expert(e, x_PD) for e in range(num_routed)], 1)  # (P, E, d_out)
 
 
 class LoRALinear(WrapsLinear, AdapterLayer):

@@ -144,7 +144,7 @@ def switch_aux_loss(
 
 @_without_autocast
 def balance_losses(routing: Routing, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """One router's three balance losses in one pass (what a MoE layer adds each forward, SPEC §3):
+    """One router's three balance losses in one pass (what a MoE layer adds each forward):
 
         aux_loss         switch_aux_loss(logits, selected=routing.assignment())
         z_loss           z_loss(logits)

@@ -121,11 +121,11 @@ def lora_delta(bank: ExpertMath, weights_N: Tensor) -> Tensor:
     return (Bt_MF * gate_M[:, None]).T @ A_MD
 
 
-def merge_delta(module: nn.Module, delta_OI: Tensor) -> None:
+def merge_delta(module: nn.Module, delta_FD: Tensor) -> None:
     """W += delta in place, computed in float32 or better: an nn.Linear holds W as (d_out, d_in),
     transformers' Conv1D (GPT-2) as (d_in, d_out)."""
     weight = module.weight
-    delta = delta_OI if isinstance(module, nn.Linear) else delta_OI.T
+    delta = delta_FD if isinstance(module, nn.Linear) else delta_FD.T
     work = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
         weight.copy_((weight.to(work) + delta.to(device=weight.device, dtype=work)).to(weight.dtype))

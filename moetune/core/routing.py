@@ -1,9 +1,9 @@
 """Routers: score E experts per token and choose which ones combine, and with what weights.
 
-A router is a linear map to E logits computed in `router_dtype` (fp32 by default, survey §3.1), a
-softmax, and one small *routing function* that turns probabilities into slots. The result keeps the
-raw logits, the probabilities and the chosen slots apart (`Routing`), so that losses and statistics
-read exactly what the layer used.
+A router is a linear map to E logits computed in `router_dtype` (fp32 by default, as in the Switch
+Transformer: bf16 router logits make the softmax unstable), a softmax, and one small *routing function* that
+turns probabilities into slots. The result keeps the raw logits, the probabilities and the chosen slots
+apart (`Routing`), so that losses and statistics read exactly what the layer used.
 
 Routing functions (pluggable through `ROUTING_FUNCTIONS`; called with probs, scores (= probs + bias)
 and keywords logits, mask and the router's options; each returns indices, weights and an "active"
@@ -138,7 +138,7 @@ DTYPES = {
 @contextmanager
 def no_autocast(device: torch.device) -> Iterator[None]:
     """torch.autocast off on `device` for the block: under autocast F.linear, matmul and einsum run in
-    bf16/fp16 whatever their inputs' dtype, which would undo an fp32 router (survey §3.1) or loss."""
+    bf16/fp16 whatever their inputs' dtype, which would undo an fp32 router or loss."""
     if not torch.amp.is_autocast_available(device.type):  # e.g. "meta": no autocast to turn off
         yield
         return

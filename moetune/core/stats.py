@@ -1,4 +1,4 @@
-"""Routing statistics (survey §3.1: router imbalance measured and shown). Padding never counts.
+"""Routing statistics (router imbalance measured and shown). Padding never counts.
 
 Each router accumulates, between resets, the slots each expert received and the entropy of its
 probabilities; `summarize` turns them into the numbers users read: tokens per expert, load CV

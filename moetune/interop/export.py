@@ -74,7 +74,7 @@ class ExportError(ValueError):
 
 # ---- merging one LoRA into a weight ---------------------------------------------------------------
 def merge_lora(
-    weight: Tensor, A_rd: Tensor, B_or: Tensor, scaling: float, *, fan_in_fan_out: bool = False
+    weight: Tensor, A_rD: Tensor, B_Fr: Tensor, scaling: float, *, fan_in_fan_out: bool = False
 ) -> Tensor:
     """W + s B A (Hu et al. 2021) in float64 (float32 for a half-precision W), not yet rounded.
 
@@ -82,8 +82,8 @@ def merge_lora(
     peft's name for it): the delta is then transposed.
     """
     work = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    delta_OD = (B_or.to(work) @ A_rd.to(work)) * scaling  # (d_out, d_in)
-    return weight.detach().to(work) + (delta_OD.T if fan_in_fan_out else delta_OD)
+    delta_FD = (B_Fr.to(work) @ A_rD.to(work)) * scaling  # (d_out, d_in)
+    return weight.detach().to(work) + (delta_FD.T if fan_in_fan_out else delta_FD)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -103,11 +103,11 @@ def merged_base_tensors(model: MoEModel) -> dict[str, Tensor]:
         if isinstance(module, AdapterLayer):
             walk(module.get_base_layer(), prefix)
             if isinstance(module, LoRALinear):
-                (A_1rd, B_1or), *_ = zip(module.lora.lora_A, module.lora.lora_B, strict=True)
+                (A_1rD, B_1Fr), *_ = zip(module.lora.lora_A, module.lora.lora_B, strict=True)
                 out[prefix + "weight"] = merge_lora(
                     out[prefix + "weight"],
-                    A_1rd[0],
-                    B_1or[0],
+                    A_1rD[0],
+                    B_1Fr[0],
                     module.lora.scaling,
                     fan_in_fan_out=_is_conv1d(module.base_layer),
                 )
@@ -127,9 +127,9 @@ def merged_base_tensors(model: MoEModel) -> dict[str, Tensor]:
 class ExpertLayer:
     """One MoE layer as the target stores it: E' experts of a gated FFN and the router rows."""
 
-    gate_EID: Tensor  # (E', I, D)
-    up_EID: Tensor  # (E', I, D)
-    down_EDI: Tensor  # (E', D, I)
+    gate_EFD: Tensor  # (E', F, D)
+    up_EFD: Tensor  # (E', F, D)
+    down_EDF: Tensor  # (E', D, F)
     router_ED: Tensor  # (E', D)
 
 
@@ -200,8 +200,8 @@ def _mixtral_mlp(x: ExpertLayer) -> dict[str, Tensor]:
     # its save_pretrained writes the per-expert w1/w3/w2 layout of the original Mixtral checkpoints.
     return {
         "gate.weight": x.router_ED,
-        "experts.gate_up_proj": torch.cat([x.gate_EID, x.up_EID], 1),
-        "experts.down_proj": x.down_EDI,
+        "experts.gate_up_proj": torch.cat([x.gate_EFD, x.up_EFD], 1),
+        "experts.down_proj": x.down_EDF,
     }
 
 

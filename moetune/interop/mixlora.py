@@ -23,10 +23,10 @@ rounding (MixLoRA scales after B, moetune before). Differences that do not chang
   - jitter_noise = router_jitter (multiplicative U(1-eps, 1+eps) on the router input, training only; the
     mixlora package 0.2.3 also applies it at inference);
   - LoRA dropout: MixLoRA draws a mask per expert and projection, moetune one per token (training only);
-  - balance loss: MoE-PEFT's is transformers' Mixtral loss, top_k times moetune's Switch loss (SPEC §3),
-    so aux_loss_coef = top_k * router_aux_loss_coef (0 with router_loss false); MoE-PEFT pools the tokens
-    of all layers where moetune averages per-layer losses. MixLoRA has no z-loss, importance or
-    contrastive loss: they are 0 after import and dropped (with a warning) at export;
+  - balance loss: MoE-PEFT's is transformers' Mixtral loss, top_k times moetune's Switch loss (Fedus et
+    al. 2021), so aux_loss_coef = top_k * router_aux_loss_coef (0 with router_loss false); MoE-PEFT
+    pools the tokens of all layers where moetune averages per-layer losses. MixLoRA has no z-loss,
+    importance or contrastive loss: they are 0 after import and dropped (with a warning) at export;
   - act_fn: MixLoRA's experts use the named activation, moetune's the FFN's own. With a base model the
     two are compared and a different one refused; at export the base's activation is written.
   - attention LoRA: MixLoRA scales it with the top-level alpha and r, moetune with lora_alpha / attn_r;
@@ -389,16 +389,16 @@ def moetune_tensors(layers: Layers, attn_factor: float = 1.0) -> dict[str, Tenso
         prefix = f"model.layers.{i}.mlp"
         out[f"{prefix}.router.weight_blocks.0"] = gate.to(torch.float32).contiguous()  # (E, D)
         out[f"{prefix}.router.expert_bias"] = torch.zeros(gate.shape[0], dtype=torch.float32)  # (E,)
-        for proj, (A_ERD, B_EDR) in layers.experts[i].items():
-            out[f"{prefix}.experts.{proj}.lora_A.0"] = A_ERD.to(_stored_dtype(A_ERD)).contiguous()
-            out[f"{prefix}.experts.{proj}.lora_B.0"] = B_EDR.to(_stored_dtype(B_EDR)).contiguous()
-        for proj, (A_RD, B_DR) in layers.attention[i].items():
-            dtype = _stored_dtype(A_RD)
+        for proj, (A_ErD, B_EFr) in layers.experts[i].items():
+            out[f"{prefix}.experts.{proj}.lora_A.0"] = A_ErD.to(_stored_dtype(A_ErD)).contiguous()
+            out[f"{prefix}.experts.{proj}.lora_B.0"] = B_EFr.to(_stored_dtype(B_EFr)).contiguous()
+        for proj, (A_rD, B_Fr) in layers.attention[i].items():
+            dtype = _stored_dtype(A_rD)
             if attn_factor != 1.0:
-                B_DR = B_DR.to(torch.float64) * attn_factor
+                B_Fr = B_Fr.to(torch.float64) * attn_factor
             prefix_attn = f"model.layers.{i}.self_attn.{proj}.lora"
-            out[f"{prefix_attn}.lora_A.0"] = A_RD.to(dtype)[None].contiguous()  # (1, r, d_in)
-            out[f"{prefix_attn}.lora_B.0"] = B_DR.to(dtype)[None].contiguous()  # (1, d_out, r)
+            out[f"{prefix_attn}.lora_A.0"] = A_rD.to(dtype)[None].contiguous()  # (1, r, d_in)
+            out[f"{prefix_attn}.lora_B.0"] = B_Fr.to(dtype)[None].contiguous()  # (1, d_out, r)
     return out
 
 
@@ -659,14 +659,14 @@ def mixlora_tensors(layers: Layers) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for i, gate_ED in enumerate(layers.gates):
         out[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = gate_ED.detach().clone()
-        for proj, (A_ERD, B_EDR) in layers.experts[i].items():
-            for j in range(A_ERD.shape[0]):
+        for proj, (A_ErD, B_EFr) in layers.experts[i].items():
+            for j in range(A_ErD.shape[0]):
                 name = f"mixlora.layers.{i}.mlp.{proj}.experts.{j}"
-                out[f"{name}.lora_A.weight"] = A_ERD[j].clone()  # (r, d_in)
-                out[f"{name}.lora_B.weight"] = B_EDR[j].clone()  # (d_out, r)
-        for proj, (A_RD, B_DR) in layers.attention[i].items():
-            out[f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight"] = A_RD.clone()
-            out[f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight"] = B_DR.clone()
+                out[f"{name}.lora_A.weight"] = A_ErD[j].clone()  # (r, d_in)
+                out[f"{name}.lora_B.weight"] = B_EFr[j].clone()  # (d_out, r)
+        for proj, (A_rD, B_Fr) in layers.attention[i].items():
+            out[f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight"] = A_rD.clone()
+            out[f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight"] = B_Fr.clone()
     return out
 
 
