@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moetune.config import MoEConfig
-from moetune.core import losses, stats
+from moetune.core import balance, stats
 from moetune.core import tasks as tasks_of
 from moetune.core.checkpointing import AuxTap, tap_gradient
 from moetune.core.injection import inject
@@ -25,6 +25,7 @@ from moetune.core.layers import (
     adapter_modules,
 )
 from moetune.core.merge import merge_into_base
+from moetune.io.adapter import load_adapter, save_adapter
 
 
 class MoEModel(nn.Module):
@@ -136,9 +137,9 @@ class MoEModel(nn.Module):
                 ctx.replay.aux_tap = self._tap
             self.nonfinite = None
             if torch.is_grad_enabled() or labels is not None:
-                per_router = self._balance_losses(records)
-                self._check_finite(records, per_router)
-                self._aux, self._pending = _mean_over_routers(per_router), None
+                losses_R = balance.per_router(records, self.moe_config)
+                self._check_finite(records, losses_R)
+                self._aux, self._pending = balance.mean_over_routers(losses_R), None
             else:  # inference (generation too): nothing needs the losses unless `aux_losses` asks
                 self._check_finite(records, {})
                 self._aux, self._pending = {}, records
@@ -157,9 +158,10 @@ class MoEModel(nn.Module):
         if all(r.grad_enabled for r in records) or not (self.training and torch.is_grad_enabled()):
             return None
         with_contrastive = records[0].expert_outputs is not None
+        cfg = self.moe_config
 
         def loss_of(record: RouterRecord) -> Tensor:
-            terms = self._weighted_terms(self._record_losses(record, with_contrastive))
+            terms = balance.weighted_terms(balance.router_losses(record, cfg, with_contrastive), cfg)
             return torch.stack(terms).sum() / len(records) if terms else record.routing.logits.new_zeros(())
 
         return AuxTap(loss_of)
@@ -198,88 +200,39 @@ class MoEModel(nn.Module):
         """The older name of `activation_checkpointing_disable`."""
         self.activation_checkpointing_disable()
 
-    def _balance_losses(self, records: list[RouterRecord]) -> dict[str, Tensor]:
-        """Each loss per router: name -> (R,) in the order of `records` (averaged over routers)."""
+    def _check_finite(self, records: list[RouterRecord], losses_R: dict[str, Tensor]) -> None:
+        """NaN/inf in the last forward's routing: a FloatingPointError naming the first such layer, or
+        with `skip_nonfinite` the problem kept in `self.nonfinite` (trainers skip the step)."""
+        routers = dict(self.moe_layers())
         cfg = self.moe_config
-        per_router: dict[str, list[Tensor]] = {"aux_loss": [], "z_loss": [], "importance_loss": []}
-        if cfg.contrastive_loss_coef > 0 and records[0].expert_outputs is not None:
-            per_router["contrastive_loss"] = []
-        for rec in records:
-            for name, value in self._record_losses(rec, "contrastive_loss" in per_router).items():
-                per_router[name].append(value)
-        return {name: torch.stack(vals) for name, vals in per_router.items()}
-
-    def _record_losses(self, rec: RouterRecord, with_contrastive: bool) -> dict[str, Tensor]:
-        """One router's balance losses (`moetune.core.losses.balance_losses`)."""
-        cfg, r = self.moe_config, rec.routing
-        out = losses.balance_losses(r, rec.mask)
-        if with_contrastive:
-            out["contrastive_loss"] = losses.contrastive_loss(
-                rec.expert_outputs,
-                rec.sample_active,
-                mode=cfg.contrastive_mode,
-                temperature=cfg.contrastive_temperature,
-            )
-        return out
-
-    def _check_finite(self, records: list[RouterRecord], per_router: dict[str, Tensor]) -> None:
-        """NaN/inf in a router's logits (real tokens only) or its balance losses: a FloatingPointError
-        naming the first such layer, or with `skip_nonfinite` the problem kept in `self.nonfinite`."""
-        logits_ok_R = torch.stack([(r.routing.logits.isfinite().all(-1) | ~r.mask).all() for r in records])
-        ok_R = logits_ok_R
-        if per_router:
-            losses_ok_XR = torch.stack([values.isfinite() for values in per_router.values()])
-            ok_R = logits_ok_R & losses_ok_XR.all(0)
-        if bool(ok_R.all()):
+        problem = balance.nonfinite_problem(records, losses_R, lambda n: routers[n].router, cfg.router_dtype)
+        if problem is None:
             return
-        i = int((~ok_R).nonzero()[0, 0])
-        if not logits_ok_R[i]:
-            router = dict(self.moe_layers())[records[i].name].router
-            bad = [n for n, p in router.named_parameters() if not bool(p.isfinite().all())]
-            cause = (
-                f"its router's {', '.join(bad)} hold NaN/inf"
-                if bad
-                else f"the router's weights are finite, so the input to this layer holds NaN/inf (or the "
-                f"logits overflow router_dtype={self.moe_config.router_dtype})"
-            )
-            problem = f"non-finite router logits in {records[i].name}: {cause}"
-        else:
-            bad = [name for name, ok in zip(per_router, losses_ok_XR[:, i].tolist(), strict=True) if not ok]
-            problem = f"non-finite {', '.join(bad)} in {records[i].name} (its router logits are finite)"
-        if self.moe_config.skip_nonfinite:
+        if cfg.skip_nonfinite:
             self.nonfinite = problem
             return
         raise FloatingPointError(f"{problem} (set skip_nonfinite=True to skip such steps instead)")
-
-    COEFS = {
-        "aux_loss": "aux_loss_coef",
-        "z_loss": "z_loss_coef",
-        "importance_loss": "importance_loss_coef",
-        "contrastive_loss": "contrastive_loss_coef",
-    }
 
     def weighted_aux_loss(self) -> Tensor:
         """sum_l coef_l * loss_l of the last forward (what `out.loss` adds). After a forward that routed
         without autograd (reentrant checkpointing) its gradient is handed to the layers' recomputed
         losses in backward (moetune.core.checkpointing)."""
         aux = self.aux_losses()
-        terms = self._weighted_terms(aux)
+        terms = balance.weighted_terms(aux, self.moe_config)
         if terms:
             total = torch.stack(terms).sum()
             return total if self._tap is None else tap_gradient(total, self._tap)
         device = next(iter(aux.values())).device if aux else None
         return torch.zeros((), device=device)
 
-    def _weighted_terms(self, losses: dict[str, Tensor]) -> list[Tensor]:
-        """coef * loss for each balance loss whose coefficient is on."""
-        coefs = {name: getattr(self.moe_config, self.COEFS[name]) for name in losses}
-        return [coefs[name] * value for name, value in losses.items() if coefs[name] > 0]
-
     def aux_losses(self) -> dict[str, Tensor]:
         """Balance losses of the last forward (unweighted, averaged over routers). After an inference
         forward (no autograd, no labels) they are computed here, on first asking."""
         if self._pending is not None:
-            self._aux, self._pending = _mean_over_routers(self._balance_losses(self._pending)), None
+            self._aux, self._pending = (
+                balance.mean_over_routers(balance.per_router(self._pending, self.moe_config)),
+                None,
+            )
         return dict(self._aux)
 
     # ---- the moetune modules ---------------------------------------------------------------------
@@ -370,21 +323,12 @@ class MoEModel(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing, once per optimizer step: b_i += u * sign(mean_j c_j - c_i).
-
-        c are the tokens each expert got since the last update, summed over data-parallel ranks; the
-        mean is over all experts, and only experts whose router rows train move.
-        """
+        """Aux-loss-free balancing, once per optimizer step (`moetune.core.balance.update_expert_bias`)."""
         rate = self.moe_config.bias_update_rate
         if rate <= 0:
             return
         for _, layer in self.moe_layers():
-            router = layer.router
-            counts = stats.all_reduce_sum(router.step_counts)
-            step = (rate * torch.sign(counts.mean() - counts)).to(router.expert_bias.dtype)
-            # the bias of experts whose router rows are frozen (add_experts(freeze_existing=True)) stays
-            router.expert_bias += torch.where(router.trainable_experts(), step, torch.zeros_like(step))
-            router.step_counts.zero_()
+            balance.update_expert_bias(layer.router, rate)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -450,8 +394,6 @@ class MoEModel(nn.Module):
         """Adapter only: `moetune_config.json` and `moetune_model.safetensors`. A model sharded by FSDP2 or
         DeepSpeed ZeRO-3 is gathered first: every rank must call this; those with `is_main_process`
         (transformers' name) write the files."""
-        from moetune.io.adapter import save_adapter
-
         save_adapter(self, save_directory, write=is_main_process)
 
     @classmethod
@@ -464,8 +406,6 @@ class MoEModel(nn.Module):
         the adapter was trained on (`moetune.io.provenance`) warns; with `strict=True` it is an error
         (`BaseMismatchError`), as is an adapter that records no fingerprint.
         """
-        from moetune.io.adapter import load_adapter
-
         return load_adapter(cls, model, path, is_trainable=is_trainable, strict=strict)
 
     def __getattr__(self, name: str) -> Any:
@@ -486,8 +426,3 @@ def get_moe_model(model: nn.Module, config: MoEConfig | None = None, *, check_ff
     whose check cannot run (e.g. a forward with required extra inputs).
     """
     return MoEModel(model, config or MoEConfig(), check_ffn)
-
-
-def _mean_over_routers(per_router: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each balance loss averaged over the routers: name -> (R,) values  -> name -> 0-dim."""
-    return {name: values.mean() for name, values in per_router.items()}

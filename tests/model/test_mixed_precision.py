@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 import moetune
+from moetune.core import balance
 from moetune.core.experts import LoRAExperts
 from moetune.core.layers import RouterRecord
 from moetune.core.stats import PER_RANK_BUFFERS
@@ -64,13 +65,13 @@ def forward_with_records(
 ) -> tuple[object, list[RouterRecord]]:
     """The forward's output and the RouterRecords its balance losses were computed from."""
     seen: list[RouterRecord] = []
-    original = moe._balance_losses
+    original = balance.per_router
 
-    def capture(records):
+    def capture(records, config):
         seen.extend(records)
-        return original(records)
+        return original(records, config)
 
-    monkeypatch.setattr(moe, "_balance_losses", capture)
+    monkeypatch.setattr(balance, "per_router", capture)
     out = moe(**batch)
     monkeypatch.undo()
     assert seen, "no router ran"

@@ -92,7 +92,7 @@ def test_nonfinite_router_weight_is_named_not_the_input() -> None:
 def test_inference_forward_computes_balance_losses_only_when_asked(monkeypatch) -> None:
     """Without autograd and labels (inference, generation) the balance losses wait for `aux_losses` /
     `weighted_aux_loss`, and are then those of that forward; with labels or autograd they come at once."""
-    import moetune.model as model_module
+    import moetune.core.losses as losses_module
 
     cfg = moetune.MoEConfig(num_experts=4, importance_loss_coef=0.3)
     model = moetune.get_moe_model(tiny_model("llama"), cfg)
@@ -101,13 +101,13 @@ def test_inference_forward_computes_balance_losses_only_when_asked(monkeypatch) 
     model.eval()
     expected = (model(**inputs).logits, model.aux_losses(), model.weighted_aux_loss())  # with autograd
     calls = []
-    real = model_module.losses.balance_losses
+    real = losses_module.balance_losses
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_module.losses, "balance_losses", counted)
+    monkeypatch.setattr(losses_module, "balance_losses", counted)
     layers = len(list(model.moe_layers()))
     with torch.no_grad():
         logits = model(**inputs).logits
