@@ -32,12 +32,12 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 def _with(layer, x: torch.Tensor, *, dispatch: str = "auto", reference: bool = False) -> torch.Tensor:
     """The layer's forward with one path forced (the routing context is restored afterwards)."""
     ctx = layer.ctx
-    before = ctx.dispatch, ctx.reference
-    ctx.dispatch, ctx.reference = dispatch, reference
+    before = ctx.options.dispatch, ctx.options.reference
+    ctx.options.dispatch, ctx.options.reference = dispatch, reference
     try:
         return layer(x)
     finally:
-        ctx.dispatch, ctx.reference = before
+        ctx.options.dispatch, ctx.options.reference = before
 
 
 VARIANTS = {

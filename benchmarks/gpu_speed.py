@@ -55,8 +55,8 @@ def build(
     import moetune
 
     model = moetune.get_moe_model(base, moe_config(opts, 0.0, adapter_dtype=adapter_dtype)).cuda()
-    model._ctx.dispatch = opts.get("dispatch", "auto")
-    model._ctx.reference = bool(opts.get("reference"))
+    model._ctx.options.dispatch = opts.get("dispatch", "auto")
+    model._ctx.options.reference = bool(opts.get("reference"))
     return model
 
 

@@ -137,9 +137,10 @@ class Bench:
             import moetune
 
             self.model = moetune.get_moe_model(base, moe_config(opts, dropout))
-            self.model._ctx.dispatch = opts.get("dispatch", "auto")  # "auto": grouped GEMMs when E is large
+            # "auto": grouped GEMMs when E is large
+            self.model._ctx.options.dispatch = opts.get("dispatch", "auto")
             if "cpu_inference_block" in opts:
-                self.model._ctx.cpu_inference_block = opts["cpu_inference_block"]
+                self.model._ctx.options.cpu_inference_block = opts["cpu_inference_block"]
             params = [p for p in self.model.parameters() if p.requires_grad]
         elif kind == "mixlora":
             self.model, params, self._mixlora_experts = _build_mixlora(base, opts["num_experts"], dropout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,11 +16,10 @@ from moetune.config import MoEConfig
 from moetune.core import balance, stats
 from moetune.core import tasks as tasks_of
 from moetune.core.checkpointing import AuxTap, tap_gradient
+from moetune.core.context import ComputeOptions, RouterRecord, RoutingContext
 from moetune.core.injection import inject
 from moetune.core.layers import (
     RoutedLayer,
-    RouterRecord,
-    RoutingContext,
     adapter_modules,
 )
 from moetune.core.merge import merge_into_base
@@ -57,7 +55,7 @@ class MoEModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.moe_config = config
-        self._ctx = RoutingContext(contrastive_sample=config.contrastive_sample)
+        self._ctx = RoutingContext(ComputeOptions(contrastive_sample=config.contrastive_sample))
         self._aux: dict[str, Tensor] = {}
         # an inference forward's routing records (no autograd, no labels): its losses when asked
         self._pending: list[RouterRecord] | None = None
@@ -108,28 +106,28 @@ class MoEModel(nn.Module):
             token_type_ids=token_type_ids,
         )
         inputs = {k: v for k, v in named.items() if v is not None} | kwargs
-        ctx = self._ctx
+        ctx, state = self._ctx, self._ctx.state
         # transformers never gives an MLP the attention mask: the layers read it from the context.
         # Padding-free batches (position_ids, no attention_mask) hold no padding: every token is real.
-        ctx.token_mask = (
+        state.token_mask = (
             attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         )
         ctx.records = []
         cfg = self.moe_config
-        ctx.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and ctx.adapter_enabled
-        ctx.sample_tasks = sample_tasks
+        state.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and state.adapter_enabled
+        state.sample_tasks = sample_tasks
         # for checkpointed recomputation: only a forward with autograd can be re-run by a backward, so a
         # forward without (DPO's reference pass under disable_adapter, evaluation) between a forward and
         # its backward leaves the state that backward replays alone
         recordable = torch.is_grad_enabled()
         if recordable:
-            ctx.replay = dataclasses.replace(ctx, records=None, replay=None)
+            ctx.remember()
         try:
             out = self.base_model(**inputs)
             records = ctx.records
         finally:
-            ctx.token_mask, ctx.records, ctx.want_expert_outputs = None, None, False
-            ctx.sample_tasks = None
+            ctx.records = None
+            state.token_mask, state.want_expert_outputs, state.sample_tasks = None, False, None
         self._tap = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
             self._tap = self._tap_if_detached(records)
@@ -314,7 +312,10 @@ class MoEModel(nn.Module):
         A task that owns no experts (`extra_tasks`) routes among all of them. With task routing, name one
         task: the routers read its embedding."""
         blocks, task = tasks_of.restriction(self.moe_config, tasks, "use_tasks")
-        with self._context_set("tasks", blocks), self._context_set("task", task):
+        with (
+            self._context_set(self._ctx.state, "tasks", blocks),
+            self._context_set(self._ctx.state, "task", task),
+        ):
             yield
 
     def reset_routing_stats(self) -> None:
@@ -333,23 +334,23 @@ class MoEModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """The frozen base model alone (e.g. the reference model of DPO), without a copy."""
-        with self._context_set("adapter_enabled", False):
+        with self._context_set(self._ctx.state, "adapter_enabled", False):
             yield
 
     @contextmanager
     def reference_path(self) -> Iterator[None]:
         """Compute experts with the slow per-expert loop (the tested truth of the fast path)."""
-        with self._context_set("reference", True):
+        with self._context_set(self._ctx.options, "reference", True):
             yield
 
     @contextmanager
-    def _context_set(self, field: str, value: Any) -> Iterator[None]:
-        previous = getattr(self._ctx, field)
-        setattr(self._ctx, field, value)
+    def _context_set(self, part: object, field: str, value: Any) -> Iterator[None]:
+        previous = getattr(part, field)
+        setattr(part, field, value)
         try:
             yield
         finally:
-            setattr(self._ctx, field, previous)
+            setattr(part, field, previous)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -361,7 +362,7 @@ class MoEModel(nn.Module):
         if task is not None:  # the model's own task -> expert blocks mapping, as for a forward
             with self.use_tasks(task):
                 return self.merge_and_unload()
-        return merge_into_base(self.base_model, self._ctx.tasks, self._ctx.task)
+        return merge_into_base(self.base_model, self._ctx.state.tasks, self._ctx.state.task)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = {id(p): p for p in self.parameters()}.values()  # tied weights count once
@@ -378,14 +379,15 @@ class MoEModel(nn.Module):
         """The base model's `generate`; routing statistics skip the prompt's padding (left padding).
         `task_ids` as in `forward` (one per sequence generated)."""
         mask = kwargs.get("attention_mask")
-        self._ctx.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
-        self._ctx.sample_tasks = (
+        state = self._ctx.state
+        state.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+        state.sample_tasks = (
             None if task_ids is None else tasks_of.sample_groups(self.moe_config, task_ids, None)
         )
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
-            self._ctx.token_mask, self._ctx.sample_tasks = None, None
+            state.token_mask, state.sample_tasks = None, None
 
     # ---- saving ----------------------------------------------------------------------------------
     def save_pretrained(

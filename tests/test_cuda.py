@@ -82,7 +82,7 @@ def test_fast_path_equals_reference_on_cuda(
     model = moetune.get_moe_model(tiny_model("llama", dtype=base_dtype), cfg)
     randomize_(model)
     model.to("cuda")
-    model._ctx.dispatch = dispatch
+    model._ctx.options.dispatch = dispatch
     if expert_type == "ffn":
         assert all(layer.uses_grouped() == (dispatch == "grouped") for _, layer in model.moe_layers())
     batch = {k: v.cuda() for k, v in tiny_batch("llama", batch=3, seq=9).items()}
@@ -142,7 +142,7 @@ def test_dense_path_with_lora_dropout_equals_sorted_on_cuda() -> None:
     batch = {k: v.cuda() for k, v in tiny_batch("llama", batch=3, seq=9, padded=True).items()}
     results = {}
     for dispatch in ("dense", "sorted"):
-        model._ctx.dispatch = dispatch
+        model._ctx.options.dispatch = dispatch
         torch.manual_seed(0)
         out, grads = run(model, batch, reference=False)
         assert out.device.type == "cuda"

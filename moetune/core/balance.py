@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moetune.config import MoEConfig
 from moetune.core import losses, stats
-from moetune.core.layers import RouterRecord
+from moetune.core.context import RouterRecord
 from moetune.core.routing import Router
 
 COEFFICIENTS = {  # loss -> the MoEConfig field weighting it

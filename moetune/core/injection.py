@@ -24,7 +24,8 @@ from moetune.core.architectures import (
     layer_index,
     name_matches,
 )
-from moetune.core.layers import AdapterLayer, LoRALinear, MoEFFN, MoELinear, RoutingContext, TrainableCopy
+from moetune.core.context import RoutingContext
+from moetune.core.layers import AdapterLayer, LoRALinear, MoEFFN, MoELinear, TrainableCopy
 
 
 @dataclass

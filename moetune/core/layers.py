@@ -10,15 +10,15 @@
   LoRALinear plain LoRA (attention projections under `attn_r`).
   TrainableCopy  a trainable copy of a module (`modules_to_save`); the original serves the disabled adapter.
 
-All of them read the shared `RoutingContext` that the `MoEModel` fills before each forward (padding
-mask, adapter on/off, reference path), because transformers never passes the mask to an MLP.
+All of them read the model's one `RoutingContext` (moetune.core.context), which the `MoEModel` fills
+before each forward (padding mask, tasks, adapter on/off), because transformers never passes the mask
+to an MLP.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from moetune.config import MoEConfig
 from moetune.core import sharding
 from moetune.core.architectures import FFNSpec, linear_dims
-from moetune.core.checkpointing import AuxTap, attach_losses
+from moetune.core.checkpointing import attach_losses
+from moetune.core.context import RouterRecord, RoutingContext
 from moetune.core.experts import (
     DenseSlots,
     ExpertMath,
@@ -39,7 +40,7 @@ from moetune.core.experts import (
 )
 from moetune.core.routing import DTYPES, Router, Routing
 from moetune.core.stats import accumulate_stats
-from moetune.core.tasks import Blocks, SampleGroup
+from moetune.core.tasks import Blocks
 
 
 def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
@@ -67,89 +68,6 @@ class LoRADropout(nn.Dropout):
 
 def lora_dropout(p: float) -> nn.Module:
     return LoRADropout(p) if p > 0 else nn.Identity()
-
-
-@dataclass
-class RoutingContext:
-    """State shared by the model wrapper and every layer, set per forward."""
-
-    token_mask: Tensor | None = None  # (B, S) bool, True for real tokens
-    adapter_enabled: bool = True
-    reference: bool = False  # use the slow per-expert loop (tests)
-    dispatch: str = "auto"  # `ffn` fast path: "dense", "grouped", "sorted" or "auto" (MoEFFN.slot_path)
-    # `ffn` inference on CPU runs in pieces of about this many tokens' slots (0: one piece; see
-    # MoEFFN._slot_pieces and MoEFFN._fast_blocks)
-    cpu_inference_block: int = 512
-    want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
-    contrastive_sample: int = 256
-    records: list | None = None  # filled during a MoEModel forward only (not during generate)
-    tasks: tuple[int, ...] | None = None  # `use_tasks`: the task blocks every token may use; None = all
-    task: int | None = None  # `use_tasks` with one task: its index (task routing, per-task statistics)
-    # `task_ids`: (task blocks, task index, indices of its samples (n,)) per task present in the batch
-    sample_tasks: list[SampleGroup] | None = None
-    # the state of the last MoEModel forward (its fields are cleared when it returns), for activation
-    # checkpointing, which re-runs parts of that forward inside backward
-    replay: RoutingContext | None = None
-    # set on `replay` when that forward routed without autograd (reentrant checkpointing): the layers
-    # attach their recomputed balance losses to their outputs (moetune.core.checkpointing)
-    aux_tap: AuxTap | None = None
-
-    def recomputing(self) -> bool:
-        """True while autograd's backward re-runs a forward (activation checkpointing). False while
-        torch.compile traces: a compiled graph recomputes without running this Python again."""
-        if torch.compiler.is_compiling():
-            return False
-        return self.replay is not None and torch._C._current_graph_task_id() != -1
-
-    def now(self) -> RoutingContext:
-        """The state to route with: the live one, or the replayed forward's during a recomputation."""
-        return self.replay if self.recomputing() else self
-
-    def mask_for(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
-        """(T,) bool mask for a layer input with leading shape `lead_shape`."""
-        T = lead_shape.numel()
-        m = self.token_mask
-        if m is not None and len(lead_shape) == 2 and m.dim() == 2 and m.shape[0] == lead_shape[0]:
-            if m.shape[1] >= lead_shape[1]:  # with a KV cache the mask also covers past tokens
-                return m[:, m.shape[1] - lead_shape[1] :].reshape(T).to(device)
-        elif m is not None and m.numel() == T:
-            return m.reshape(T).to(device)
-        return torch.ones(T, dtype=torch.bool, device=device)
-
-    def task_groups(
-        self, lead_shape: torch.Size, device: torch.device
-    ) -> list[tuple[Tensor | None, Blocks, int | None]]:
-        """The tokens that route alike, as (token rows (n,) or None for all, task blocks or None for all,
-        task index or None)."""
-        groups = self.sample_tasks
-        if groups is None:
-            return [(None, self.tasks, self.task)]
-        if len(groups) == 1:
-            return [(None, groups[0][0], groups[0][1])]
-        samples = sum(len(rows) for _, _, rows in groups)
-        if len(lead_shape) != 2 or lead_shape[0] != samples:
-            raise ValueError(
-                f"task_ids gives a task for {samples} samples, but an MoE layer sees inputs of shape "
-                f"{tuple(lead_shape)}: expected ({samples}, sequence length)"
-            )
-        S = lead_shape[1]
-        steps = torch.arange(S, device=device)
-        return [
-            ((rows.to(device)[:, None] * S + steps).reshape(-1), blocks, task)
-            for blocks, task, rows in groups
-        ]
-
-
-@dataclass
-class RouterRecord:
-    """One router's decisions in the last forward, for losses."""
-
-    name: str
-    routing: Routing
-    mask: Tensor  # (T,) bool
-    expert_outputs: Tensor | None = None  # (P, E, D) every expert's delta on P sampled tokens
-    sample_active: Tensor | None = None  # (P, E) bool
-    grad_enabled: bool = True  # autograd was on when routing (off: reentrant activation checkpointing)
 
 
 class AdapterLayer(nn.Module):
@@ -225,7 +143,7 @@ class RoutedLayer(AdapterLayer):
         return out
 
     def _per_task_group(self, x_TD: Tensor, lead: torch.Size, run: Callable[..., Tensor]) -> Tensor:
-        """run(x, mask, blocks, task) on each group of tokens routed alike (`RoutingContext.task_groups`);
+        """run(x, mask, blocks, task) on each group of tokens routed alike (`ForwardState.task_groups`);
         the results back in token order (T, ...)."""
         ctx = self.ctx.now()
         mask_T, groups = ctx.mask_for(lead, x_TD.device), ctx.task_groups(lead, x_TD.device)
@@ -257,7 +175,7 @@ class RoutedLayer(AdapterLayer):
                 accumulate_stats(self.router, routing, mask_T, count_step=count, blocks=blocks, task=task)
         record = RouterRecord(self.layer_name, routing, mask_T, grad_enabled=torch.is_grad_enabled())
         if self.ctx.now().want_expert_outputs:  # also when recomputing: the same graph, the same RNG use
-            sample = _sample_real_tokens(mask_T, self.ctx.contrastive_sample)
+            sample = _sample_real_tokens(mask_T, self.ctx.options.contrastive_sample)
             banks = self.banks(blocks) if banks is None else banks
             record.expert_outputs = self.all_expert_deltas(x_TD[sample], banks, routing.num_experts)
             record.sample_active = routing.assignment()[sample]
@@ -367,7 +285,7 @@ class MoEFFN(RoutedLayer):
         banks = self.banks(blocks)
         routing, _ = self.route(x_TD, x_TD.shape[:-1], mask_T, blocks, banks, task)
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
-        if self.ctx.reference:
+        if self.ctx.options.reference:
             return self._reference(x_TD, idx_TK, w_TK, banks)
         return self._fast_blocks(x_TD, idx_TK, w_TK, banks)
 
@@ -385,7 +303,7 @@ class MoEFFN(RoutedLayer):
         inference memory of long inputs. The routing is already done, so every token gets the same
         experts and weights as in one block.
         """
-        T, block = x_TD.shape[0], self.ctx.cpu_inference_block
+        T, block = x_TD.shape[0], self.ctx.options.cpu_inference_block
         split = not torch.is_grad_enabled() and x_TD.device.type == "cpu" and 0 < block < T
         # the path last: training (autograd on) does not work it out here as well as in `_fast`
         if not split or self.slot_path(banks, x_TD.device) == "sorted":
@@ -437,7 +355,7 @@ class MoEFFN(RoutedLayer):
         Pieces keep the (S, F) slot tensors small, as token blocks do (`_fast_blocks`), while every
         expert's GEMMs still run once per layer instead of once per block (fewer small ops).
         """
-        block = self.ctx.cpu_inference_block
+        block = self.ctx.options.cpu_inference_block
         if isinstance(slots, SortedSlots) and block > 0 and not torch.is_grad_enabled():
             return slots.pieces(block * K)
         return [slots]
@@ -457,17 +375,18 @@ class MoEFFN(RoutedLayer):
     def slot_path(
         self, banks: dict[str, ExpertMath] | None = None, device: torch.device | None = None
     ) -> str:
-        """How `_fast` computes the slots (`RoutingContext.dispatch` forces one):
+        """How `_fast` computes the slots (`ComputeOptions.dispatch` forces one):
         - inference on CPU (eval mode, no autograd): "sorted", no padded slots and one GEMM per
           expert; the fastest of the three at E=64, within noise of dense at E=8 (benchmarks/README.md).
         - otherwise "grouped" (`uses_grouped`) or "dense". Also under torch.compile: the sorted path's
           group sizes are data-dependent shapes (a graph break per layer).
         """
         banks = dict(self.experts) if banks is None else banks
-        if self.ctx.dispatch == "sorted":
+        if self.ctx.options.dispatch == "sorted":
             return "sorted"
         eager = not torch.compiler.is_compiling()
-        if self.ctx.dispatch == "auto" and eager and not self.training and not torch.is_grad_enabled():
+        inference = not self.training and not torch.is_grad_enabled()
+        if self.ctx.options.dispatch == "auto" and eager and inference:
             device = device or self.router.weight_blocks[0].device
             if device.type == "cpu":
                 return "sorted"
@@ -483,8 +402,8 @@ class MoEFFN(RoutedLayer):
         bank = next(iter(banks.values()))
         if not all(has_grouped_mm(b.dtype, b.r, b.d_in, b.d_out) for b in banks.values()):
             return False  # e.g. float64 or r = 3: the dense path
-        if self.ctx.dispatch != "auto":
-            return self.ctx.dispatch == "grouped"
+        if self.ctx.options.dispatch != "auto":
+            return self.ctx.options.dispatch == "grouped"
         if bank.dtype == torch.float32 and self.router.weight_blocks[0].device.type == "cuda":
             return False
         if bank.dtype != torch.bfloat16 and torch.compiler.is_compiling():
@@ -597,7 +516,7 @@ class MoELinear(WrapsLinear, RoutedLayer):
         idx_TK, w_TK = self._slots(routing, x_TD.shape[0])
         xd_TD = self.lora_dropout(x_TD)
         T, N = x_TD.shape[0], bank.num_experts
-        if not self.ctx.reference:
+        if not self.ctx.options.reference:
             w_TN = torch.zeros(T, N, dtype=w_TK.dtype, device=x_TD.device)
             return bank.dense(xd_TD, w_TN.scatter_add(1, idx_TK, w_TK))
         delta = torch.zeros(T, bank.d_out, dtype=bank.dtype, device=x_TD.device)

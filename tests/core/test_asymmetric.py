@@ -93,7 +93,7 @@ def test_asymmetric_grouped_path_equals_reference() -> None:
     model = moetune.get_moe_model(tiny_model("llama"), cfg)
     randomize_(model)
     model.train()
-    model._ctx.dispatch = "grouped"
+    model._ctx.options.dispatch = "grouped"
     batch = tiny_batch("llama", batch=3, seq=9, padded=True)
     out, grads = run(model, batch, reference=False)
     ref_out, ref_grads = run(model, batch, reference=True)

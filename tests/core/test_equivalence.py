@@ -10,8 +10,9 @@ from torch import nn
 
 import moetune
 from moetune.core.architectures import linear_dims
+from moetune.core.context import RoutingContext
 from moetune.core.experts import LoRAExperts, SortedSlots, WeightedSlotSum
-from moetune.core.layers import LoRALinear, MoEFFN, MoELinear, RoutingContext
+from moetune.core.layers import LoRALinear, MoEFFN, MoELinear
 from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
@@ -128,7 +129,7 @@ def test_grouped_path_with_two_task_blocks(router: str) -> None:
     model.add_experts(3, task="B", freeze_existing=False)
     randomize_(model)
     model.train()
-    model._ctx.dispatch = "grouped"
+    model._ctx.options.dispatch = "grouped"
     batch = tiny_batch("llama", batch=3, seq=9, padded=True)
     for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
         out, grads = run(model, batch | extra, reference=False)
@@ -167,7 +168,7 @@ def test_grouped_path_equals_reference(family: str, router: str) -> None:
     batch = tiny_batch(family, batch=3, seq=9, padded=True)
     results = {}
     for dispatch in ("grouped", "dense"):
-        model._ctx.dispatch = dispatch
+        model._ctx.options.dispatch = dispatch
         out, grads = run(model, batch, reference=False)
         results[dispatch] = {"logits": out, **grads}
     out, grads = run(model, batch, reference=True)
@@ -185,7 +186,7 @@ def test_grouped_path_with_some_projections(targets: list[str]) -> None:
     model = moetune.get_moe_model(base, cfg)
     randomize_(model)
     model.train()
-    model._ctx.dispatch = "grouped"
+    model._ctx.options.dispatch = "grouped"
     batch = tiny_batch("llama", batch=2, seq=7, padded=True)
     out, grads = run(model, batch, reference=False)
     ref_out, ref_grads = run(model, batch, reference=True)
@@ -244,7 +245,7 @@ def test_fast_equals_reference_without_autograd(family: str, router: str) -> Non
         with model.reference_path():
             ref = model(**batch).logits
     for dispatch in ("auto", "dense", "sorted"):
-        model._ctx.dispatch = dispatch
+        model._ctx.options.dispatch = dispatch
         with torch.no_grad():
             fast = model(**batch).logits
         with torch.enable_grad():
@@ -315,7 +316,7 @@ def test_linear_layer_by_hand() -> None:
     )
     expected = [1 + 2 * G0 * 1, 2 * G0 * 2 + 2 * G1 * 2, 2 * G0 * 3, 2 * G0 * 4 + 2 * G1 * 2]
     for reference in (False, True):
-        layer.ctx.reference = reference
+        layer.ctx.options.reference = reference
         y = layer(X)
         assert y[0].tolist() == pytest.approx(expected, abs=1e-12)
 
@@ -352,7 +353,7 @@ def test_ffn_layer_by_hand() -> None:
     ffn, ffn0, ffn1 = [1, 0, 1, 0], [1, 2, 3, 0], [7, 0, 7, 0]
     expected = [f + G0 * (a - f) + G1 * (b - f) for f, a, b in zip(ffn, ffn0, ffn1, strict=True)]
     for reference in (False, True):
-        layer.ctx.reference = reference
+        layer.ctx.options.reference = reference
         assert layer(X)[0].tolist() == pytest.approx(expected, abs=1e-12)
 
 
@@ -574,7 +575,7 @@ def _two_task_inference_model(
     model.add_experts(2, task="B", freeze_existing=False)
     randomize_(model)
     model.eval()
-    model._ctx.dispatch = dispatch
+    model._ctx.options.dispatch = dispatch
     layer = next(layer for _, layer in model.moe_layers())
     return model, tiny_batch(family, batch=3, seq=9, padded=True), layer
 
@@ -596,7 +597,7 @@ def test_cpu_inference_in_token_blocks_equals_one_block(family: str, dispatch: s
     for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
         results = {}
         for block in (0, 5):
-            model._ctx.cpu_inference_block = block
+            model._ctx.options.cpu_inference_block = block
             calls.clear()
             with torch.no_grad():
                 results[block] = model(**batch | extra).logits
@@ -659,7 +660,7 @@ def test_sorted_inference_in_pieces_equals_one_piece(family: str, num_shared: in
     for extra in ({}, {"task_ids": torch.tensor([0, 1, 1])}):
         results = {}
         for block in (0, 3):
-            model._ctx.cpu_inference_block = block
+            model._ctx.options.cpu_inference_block = block
             pieces.clear()
             with torch.no_grad():
                 results[block] = model(**batch | extra).logits
@@ -678,7 +679,7 @@ def test_sorted_path_equals_reference(family: str, router: str) -> None:
     model = float64_model(family, "ffn", router, num_experts=3, task="A")
     model.add_experts(2, task="B", freeze_existing=False)
     randomize_(model, tie=router in ("topk", "topp"))
-    model._ctx.dispatch = "sorted"
+    model._ctx.options.dispatch = "sorted"
     batch = tiny_batch(family, batch=3, seq=9, padded=True)
     assert next(layer for _, layer in model.moe_layers()).slot_path() == "sorted"
     assert_paths_agree(model, batch)
@@ -693,7 +694,7 @@ def test_sorted_path_with_many_experts(family: str) -> None:
     over all of them; still the reference, gradients included."""
     model = float64_model(family, "ffn", "topk", num_experts=9, num_shared_experts=0)  # 9 > 4 * 2
     randomize_(model)
-    model._ctx.dispatch = "sorted"
+    model._ctx.options.dispatch = "sorted"
     assert_paths_agree(model, tiny_batch(family, batch=3, seq=9, padded=True))
 
 
@@ -701,7 +702,7 @@ def test_sorted_path_with_many_experts(family: str) -> None:
 def test_sorted_path_with_some_projections(targets: list[str]) -> None:
     model = float64_model("llama", "ffn", "topk", target_modules=targets)
     randomize_(model)
-    model._ctx.dispatch = "sorted"
+    model._ctx.options.dispatch = "sorted"
     assert_paths_agree(model, tiny_batch("llama", batch=2, seq=7, padded=True))
 
 
@@ -716,12 +717,12 @@ def test_sorted_path_with_lora_dropout_equals_dense(family: str) -> None:
     batch = tiny_batch(family, batch=3, seq=9, padded=True)
     results = {}
     for dispatch in ("dense", "sorted"):
-        model._ctx.dispatch = dispatch
+        model._ctx.options.dispatch = dispatch
         torch.manual_seed(0)
         out, grads = run(model, batch, reference=False)
         results[dispatch] = {"logits": out, **grads}
     assert _max_rel_error(results["sorted"], results["dense"]) < 1e-12
-    model._ctx.dispatch = "dense"
+    model._ctx.options.dispatch = "dense"
     torch.manual_seed(1)
     other, _ = run(model, batch, reference=False)
     assert not torch.allclose(other, results["dense"]["logits"])  # the masks do change the output
@@ -792,6 +793,6 @@ def test_sorted_path_on_a_bfloat16_base(adapter_dtype: str) -> None:
     out = {}
     with torch.no_grad():
         for dispatch in ("dense", "sorted"):
-            model._ctx.dispatch = dispatch
+            model._ctx.options.dispatch = dispatch
             out[dispatch] = model(**batch).logits.float()
     assert _max_rel_error({"y": out["sorted"]}, {"y": out["dense"]}) < 1e-2  # measured 5.1e-3

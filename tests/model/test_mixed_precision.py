@@ -21,8 +21,8 @@ from transformers import TrainingArguments
 
 import moetune
 from moetune.core import balance
+from moetune.core.context import RouterRecord
 from moetune.core.experts import LoRAExperts
-from moetune.core.layers import RouterRecord
 from moetune.core.stats import PER_RANK_BUFFERS
 from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
 from moetune.train.trainer import MoETrainer
@@ -166,7 +166,7 @@ def test_grouped_path_in_half_precision_matches_the_dense_path(adapter_dtype):
         with torch.no_grad():
             for p in lora_params(moe).values():
                 p.normal_(0, 0.1)
-        moe._ctx.dispatch = dispatch
+        moe._ctx.options.dispatch = dispatch
         assert all(layer.uses_grouped() == (dispatch == "grouped") for _, layer in moe.moe_layers())
         out = moe(**tiny_batch("llama"))
         out.loss.backward()
@@ -225,7 +225,7 @@ def test_half_precision_moe_layer_error_is_the_base_layers_plus_a_few_roundings(
     d_in = layer.router.weight.shape[1]
     x = torch.randn(64, d_in, generator=torch.Generator().manual_seed(1)).to(dtype)
     exact = copy.deepcopy(layer).double()  # base, experts: float64; the router keeps fp32 (Router._apply)
-    exact.ctx.reference = True  # the copy's own context: the slow per-expert path
+    exact.ctx.options.reference = True  # the copy's own context: the slow per-expert path
     with torch.no_grad():
         y, y_ref = layer(x), exact(x.double())
         y0, y0_ref = layer.base_layer(x), exact.base_layer(x.double())

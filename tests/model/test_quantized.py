@@ -257,7 +257,7 @@ def test_fast_paths_equal_the_reference_on_a_quantized_base(expert_type, dispatc
     one the same; the bounds leave 5-10x."""
     model = moetune.get_moe_model(quantized_llama(), config(expert_type))
     randomize(model)
-    model._ctx.dispatch = dispatch
+    model._ctx.options.dispatch = dispatch
     if expert_type == "ffn":
         assert [layer.uses_grouped() for _, layer in model.moe_layers()] == [dispatch == "grouped"] * LAYERS
     batch = tiny_batch(model.base_model)

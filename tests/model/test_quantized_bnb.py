@@ -192,7 +192,7 @@ def test_fast_paths_equal_the_reference_on_a_bnb_base(checkpoint, quant, expert_
     """As test_quantized's torchao case; bounds: measured up to 1.2e-6 (logits) and 5e-6 (gradients)."""
     model = moetune.get_moe_model(load(checkpoint, quant), config(expert_type))
     randomize_(model, lora_std=0.1, router_std=0.5)
-    model._ctx.dispatch = dispatch
+    model._ctx.options.dispatch = dispatch
     if expert_type == "ffn":
         assert [layer.uses_grouped() for _, layer in model.moe_layers()] == [dispatch == "grouped"] * LAYERS
     batch = tiny_batch("llama")
