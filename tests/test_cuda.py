@@ -36,17 +36,17 @@ from transformers import TrainingArguments
 import moetune
 from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
 from moetune.train.trainer import MoETrainer
-from tests.core.test_equivalence import _max_rel_error, randomize_, run
-from tests.helpers import ddp_worker
+from tests.helpers import REPO, ddp_worker
+from tests.helpers.distributed import DIST_ENV_PREFIXES, max_diff
+from tests.helpers.numerics import max_rel_error, randomize_, run
 from tests.helpers.tiny_models import tiny_batch, tiny_model
-from tests.train.test_distributed import DIST_ENV_PREFIXES, _max_diff
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`pytest -m cuda` on one)"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 GPU_ATOL = 1e-4
 
 # (base dtype, adapter dtype, expert type, ffn dispatch)
@@ -94,8 +94,8 @@ def test_fast_path_equals_reference_on_cuda(
     fast = {"logits": fast_out.float(), **{k: g.float() for k, g in fast_grads.items()}}
     ref = {"logits": ref_out.float(), **{k: g.float() for k, g in ref_grads.items()}}
     tol = 5e-2 if bf16 else 1e-4
-    assert _max_rel_error(fast, ref) < tol
-    assert _max_rel_error({"logits": base_out}, {"logits": ref["logits"]}) > 10 * tol
+    assert max_rel_error(fast, ref) < tol
+    assert max_rel_error({"logits": base_out}, {"logits": ref["logits"]}) > 10 * tol
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -112,7 +112,7 @@ def test_inference_with_and_without_autograd_on_cuda(base_dtype: torch.dtype) ->
         without = model(**batch).logits.float()
     with_autograd = model(**batch).logits.detach().float()
     tol = 5e-2 if base_dtype == torch.bfloat16 else 1e-5
-    assert _max_rel_error({"y": without}, {"y": with_autograd}) < tol
+    assert max_rel_error({"y": without}, {"y": with_autograd}) < tol
 
 
 def test_hidden_dropout_mask_on_cuda() -> None:
@@ -147,10 +147,10 @@ def test_dense_path_with_lora_dropout_equals_sorted_on_cuda() -> None:
         out, grads = run(model, batch, reference=False)
         assert out.device.type == "cuda"
         results[dispatch] = {"logits": out, **grads}
-    assert _max_rel_error(results["sorted"], results["dense"]) < 1e-5
+    assert max_rel_error(results["sorted"], results["dense"]) < 1e-5
     torch.manual_seed(1)
     other, _ = run(model, batch, reference=False)
-    assert _max_rel_error({"y": other}, {"y": results["sorted"]["logits"]}) > 1e-3  # the masks count
+    assert max_rel_error({"y": other}, {"y": results["sorted"]["logits"]}) > 1e-3  # the masks count
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_adapter_initialisation_is_the_same_on_cuda() -> None:
         model = moetune.get_moe_model(tiny_model("llama").to(device), cfg)
         adapters[device] = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     assert adapters["cpu"].keys() == adapters["cuda"].keys()
-    assert _max_diff(adapters["cuda"], adapters["cpu"]) == 0
+    assert max_diff(adapters["cuda"], adapters["cpu"]) == 0
 
 
 def test_trainer_bf16_steps_on_cuda(tmp_path: Path, fresh_accelerate) -> None:
@@ -200,7 +200,7 @@ def test_trainer_bf16_steps_on_cuda(tmp_path: Path, fresh_accelerate) -> None:
     assert len(logs) == 3
     assert all(math.isfinite(log["loss"]) and math.isfinite(log["moe/aux_loss"]) for log in logs)
     trained = adapter_state_dict(model)
-    assert _max_diff({k: v.cpu() for k, v in trained.items()}, init) > 1e-3
+    assert max_diff({k: v.cpu() for k, v in trained.items()}, init) > 1e-3
     routers = [k for k in trained if ".router.weight_blocks." in k]
     assert routers and all(trained[k].dtype == torch.float32 for k in routers)
     batch = {k: v.cuda() for k, v in tiny_batch("llama").items()}
@@ -231,14 +231,14 @@ def cpu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
 
 def _check_run(run_dir: Path, cpu: dict[str, dict[str, torch.Tensor]], wrapped: str) -> None:
     # the same adapter to start from: drawn on the CPU also where the base already is on the GPU (ZeRO-3)
-    assert _max_diff(load_file(str(run_dir / "rank0" / "init" / WEIGHTS_NAME)), cpu["init"]) == 0
+    assert max_diff(load_file(str(run_dir / "rank0" / "init" / WEIGHTS_NAME)), cpu["init"]) == 0
     reference = cpu["trained"]
     run = json.loads((run_dir / "rank0" / "run.json").read_text())
     assert run["wrapped"] == wrapped and run["steps"] == 5 and run["resumed_steps"] == 2
     resumed = load_file(str(run_dir / "rank0" / WEIGHTS_NAME))
     saved = load_file(str(run_dir / "trainer-save" / WEIGHTS_NAME))  # the uninterrupted run's
     for adapter in (resumed, saved):
-        diff = _max_diff(adapter, reference)
+        diff = max_diff(adapter, reference)
         assert diff <= GPU_ATOL, diff
     moetune.MoEModel.from_pretrained(tiny_model("llama"), run_dir / "trainer-save", strict=True)
 

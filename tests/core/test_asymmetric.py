@@ -9,13 +9,9 @@ import torch
 
 import moetune
 from moetune.core.experts import LoRAExperts
-
-try:
-    from tests.core.test_equivalence import ROUTERS, assert_paths_agree, float64_model, randomize_, run
-    from tests.helpers.tiny_models import tiny_batch, tiny_model
-except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
-    from test_equivalence import ROUTERS, assert_paths_agree, float64_model, randomize_, run
-    from tiny_models import tiny_batch, tiny_model
+from tests.helpers.models import ROUTERS
+from tests.helpers.numerics import assert_paths_agree, float64_model, randomize_, run
+from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 
 def banks(model: moetune.MoEModel) -> list[LoRAExperts]:

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 import moetune
-
-try:
-    from tests.core.test_equivalence import randomize_
-    from tests.helpers.tiny_models import tiny_batch, tiny_model
-except ImportError:  # pragma: no cover
-    from test_equivalence import randomize_
-    from tiny_models import tiny_batch, tiny_model
+from tests.helpers.numerics import randomize_
+from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 
 def _step(checkpointing: bool, router: str, contrastive: float, reentrant: bool = False) -> dict:

@@ -11,7 +11,7 @@ import torch
 import torch._dynamo as dynamo
 
 import moetune
-from tests.core.test_equivalence import randomize_
+from tests.helpers.numerics import randomize_
 from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 
@@ -58,7 +58,7 @@ def test_compiled_step_equals_eager(expert_type: str) -> None:
 def test_trainer_torch_compile_trains_as_eager(tmp_path) -> None:
     """`TrainingArguments(torch_compile=True)`: MoETrainer trains the compiled model (its balance-loss
     logs, bias updates and router group included) to the adapter the eager run reaches."""
-    from tests.train.test_training import snapshot, trainer
+    from tests.helpers.models import snapshot, trainer
 
     runs = {}
     for compiled in (False, True):

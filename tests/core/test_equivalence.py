@@ -13,56 +13,9 @@ from moetune.core.architectures import linear_dims
 from moetune.core.context import RoutingContext
 from moetune.core.experts import LoRAExperts, SortedSlots, WeightedSlotSum
 from moetune.core.layers import LoRALinear, MoEFFN, MoELinear
+from tests.helpers.models import ROUTERS
+from tests.helpers.numerics import assert_paths_agree, float64_model, max_rel_error, randomize_, run
 from tests.helpers.tiny_models import tiny_batch, tiny_model
-
-ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
-
-
-def randomize_(
-    model: moetune.MoEModel, seed: int = 0, tie: bool = False, lora_std: float = 0.3, router_std: float = 1.0
-) -> None:
-    """Nonzero A and B (N(0, lora_std^2)), spread-out routers (N(0, router_std^2)); with `tie`, experts 0
-    and 1 get identical router rows."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoRAExperts):
-            for p in [*module.lora_A, *module.lora_B]:
-                p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * lora_std
-    for _, layer in model.moe_layers():
-        for w in layer.router.weight_blocks:  # one block per task
-            w.data = torch.randn(w.shape, generator=g, dtype=w.dtype) * router_std
-        if tie:
-            w = layer.router.weight_blocks[0]
-            w.data[1] = w.data[0]
-
-
-def run(
-    model: moetune.MoEModel, batch: dict, reference: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    if reference:
-        with model.reference_path():
-            out = model(**batch)
-    else:
-        out = model(**batch)
-    logits = out.logits
-    probe = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
-    probe = probe.view_as(logits)
-    ((logits * probe).sum() + model.weighted_aux_loss()).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    return logits.detach(), grads
-
-
-def assert_paths_agree(model: moetune.MoEModel, batch: dict) -> None:
-    model.train()  # dropout 0 and jitter 0: routing is deterministic, gradients flow
-    fast_out, fast_grads = run(model, batch, reference=False)
-    ref_out, ref_grads = run(model, batch, reference=True)
-    torch.testing.assert_close(fast_out, ref_out, rtol=1e-10, atol=1e-10)
-    assert fast_grads.keys() == ref_grads.keys()
-    assert any("lora_B" in n for n in fast_grads)
-    for name in fast_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
-
 
 CASES = [
     ("llama", "ffn"),
@@ -72,26 +25,6 @@ CASES = [
     ("phi3", "ffn"),
     ("bert", "linear"),
 ]
-
-
-def float64_model(family: str, expert_type: str, router: str, **overrides) -> moetune.MoEModel:
-    """A float64 model whose fast and reference paths must agree to rounding (small capacity: switch
-    overflows)."""
-    cfg = dict(
-        expert_type=expert_type,
-        router=router,
-        num_experts=4,
-        top_k=2,
-        r=3,
-        lora_dropout=0.0,
-        router_dtype="float64",
-        capacity_factor=0.5,
-        num_shared_experts=1 if router == "topk" else 0,
-        importance_loss_coef=0.1,
-        aux_loss_coef=0.0 if router == "soft" else 0.01,
-    )
-    base = tiny_model(family, dtype=torch.float64)
-    return moetune.get_moe_model(base, moetune.MoEConfig(**cfg | overrides))
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -135,15 +68,11 @@ def test_grouped_path_with_two_task_blocks(router: str) -> None:
         out, grads = run(model, batch | extra, reference=False)
         ref_out, ref_grads = run(model, batch | extra, reference=True)
         assert any(name.endswith("lora_B.1") for name in ref_grads) and grads.keys() == ref_grads.keys()
-        assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
+        assert max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
     with model.use_tasks("B"):
         out, grads = run(model, batch, reference=False)
         ref_out, ref_grads = run(model, batch, reference=True)
-    assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
-
-
-def _max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+    assert max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -175,8 +104,8 @@ def test_grouped_path_equals_reference(family: str, router: str) -> None:
     reference = {"logits": out, **grads}
     assert any("lora_B" in name for name in reference)
     assert results["grouped"].keys() == reference.keys()
-    assert _max_rel_error(results["grouped"], reference) < 1e-4
-    assert _max_rel_error(results["dense"], reference) < 1e-4
+    assert max_rel_error(results["grouped"], reference) < 1e-4
+    assert max_rel_error(results["dense"], reference) < 1e-4
 
 
 @pytest.mark.parametrize("targets", [["down_proj"], ["up_proj"], ["gate_proj", "down_proj"]])
@@ -190,7 +119,7 @@ def test_grouped_path_with_some_projections(targets: list[str]) -> None:
     batch = tiny_batch("llama", batch=2, seq=7, padded=True)
     out, grads = run(model, batch, reference=False)
     ref_out, ref_grads = run(model, batch, reference=True)
-    assert _max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
+    assert max_rel_error({"logits": out, **grads}, {"logits": ref_out, **ref_grads}) < 1e-4
 
 
 def test_auto_dispatch_follows_the_dense_paths_waste() -> None:
@@ -607,8 +536,8 @@ def test_cpu_inference_in_token_blocks_equals_one_block(family: str, dispatch: s
                 assert sorted(calls) == sorted([9, 18] if block == 0 else [5, 4, 5, 5, 5, 3])
         with torch.no_grad(), model.reference_path():
             reference = model(**batch | extra).logits
-        assert _max_rel_error({"y": results[5]}, {"y": results[0]}) < 1e-6
-        assert _max_rel_error({"y": results[5]}, {"y": reference}) < 1e-5
+        assert max_rel_error({"y": results[5]}, {"y": results[0]}) < 1e-6
+        assert max_rel_error({"y": results[5]}, {"y": reference}) < 1e-5
     calls.clear()
     model(**batch).logits.sum().backward()  # autograd on: one block
     assert calls == [27]
@@ -667,8 +596,8 @@ def test_sorted_inference_in_pieces_equals_one_piece(family: str, num_shared: in
             assert max(pieces) == 1 if block == 0 else min(pieces) > 1
         with torch.no_grad(), model.reference_path():
             reference = model(**batch | extra).logits
-        assert _max_rel_error({"y": results[3]}, {"y": results[0]}) < 1e-6
-        assert _max_rel_error({"y": results[3]}, {"y": reference}) < 1e-5
+        assert max_rel_error({"y": results[3]}, {"y": results[0]}) < 1e-6
+        assert max_rel_error({"y": results[3]}, {"y": reference}) < 1e-5
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -721,7 +650,7 @@ def test_sorted_path_with_lora_dropout_equals_dense(family: str) -> None:
         torch.manual_seed(0)
         out, grads = run(model, batch, reference=False)
         results[dispatch] = {"logits": out, **grads}
-    assert _max_rel_error(results["sorted"], results["dense"]) < 1e-12
+    assert max_rel_error(results["sorted"], results["dense"]) < 1e-12
     model._ctx.options.dispatch = "dense"
     torch.manual_seed(1)
     other, _ = run(model, batch, reference=False)
@@ -795,4 +724,4 @@ def test_sorted_path_on_a_bfloat16_base(adapter_dtype: str) -> None:
         for dispatch in ("dense", "sorted"):
             model._ctx.options.dispatch = dispatch
             out[dispatch] = model(**batch).logits.float()
-    assert _max_rel_error({"y": out["sorted"]}, {"y": out["dense"]}) < 1e-2  # measured 5.1e-3
+    assert max_rel_error({"y": out["sorted"]}, {"y": out["dense"]}) < 1e-2  # measured 5.1e-3

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 import moetune
-
-try:
-    from tests.helpers.family_matrix import ids as family_ids
-    from tests.helpers.family_matrix import tiny_model as family_model
-    from tests.helpers.tiny_models import tiny_batch, tiny_model
-except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
-    from family_matrix import ids as family_ids
-    from family_matrix import tiny_model as family_model
-    from tiny_models import tiny_batch, tiny_model
+from tests.helpers.family_matrix import ids as family_ids
+from tests.helpers.family_matrix import tiny_model as family_model
+from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 
 def logits(model, ids):
@@ -115,7 +109,7 @@ def test_bitnet_sub_norm_is_computed() -> None:
     """BitNet's block, down(ffn_sub_norm(act(gate(x)) * up(x))): `ffn` experts with the sub-norm inside
     each expert; a fresh model gives the base logits, and with random experts the fast path equals the
     per-expert reference (float64, outputs and gradients)."""
-    from tests.core.test_equivalence import assert_paths_agree, randomize_
+    from tests.helpers.numerics import assert_paths_agree, randomize_
 
     model = family_model("bitnet")
     ids = family_ids()
@@ -145,7 +139,7 @@ def test_bitnet_sub_norm_is_computed() -> None:
 def test_non_gated_blocks_fast_path_equals_reference(family: str, shape: str) -> None:
     """The non-gated `ffn` shapes: with random experts and a shared one, the fast path equals the
     per-expert reference in float64 (outputs and gradients)."""
-    from tests.core.test_equivalence import assert_paths_agree, randomize_
+    from tests.helpers.numerics import assert_paths_agree, randomize_
 
     cfg = moetune.MoEConfig(
         num_experts=4,
@@ -167,8 +161,8 @@ def test_inline_silu_and_functional_dropout_blocks(family: str) -> None:
     """LFM2's block writes its SiLU in the forward (no activation module); Starcoder2's ends in a
     functional dropout of probability `residual_dropout`: both are `ffn` blocks, their fast path equals
     the reference in float64, and in training the dropout is the block's own."""
-    from tests.core.test_equivalence import assert_paths_agree, randomize_
     from tests.helpers.family_matrix import ids, tiny_model
+    from tests.helpers.numerics import assert_paths_agree, randomize_
 
     model = tiny_model(family).double()
     cfg = moetune.MoEConfig(num_experts=4, r=3, lora_dropout=0.0, router_dtype="float64")

@@ -6,7 +6,7 @@ import torch
 
 import moetune
 from moetune.core.layers import LoRALinear, MoEFFN, MoELinear
-from tests.core.test_equivalence import randomize_
+from tests.helpers.numerics import randomize_
 from tests.helpers.tiny_models import tiny_llava_batch, tiny_model
 
 VISION = ("vision_tower", "multi_modal_projector")

@@ -9,8 +9,8 @@ import torch
 from transformers import TrainerCallback
 
 import moetune
+from tests.helpers.models import snapshot, trainer
 from tests.helpers.tiny_models import tiny_batch, tiny_model
-from tests.train.test_training import snapshot, trainer
 
 
 def test_nonfinite_balance_loss_names_layer_and_loss() -> None:

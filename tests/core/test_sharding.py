@@ -17,9 +17,8 @@ import torch
 import moetune
 from moetune.core import sharding
 from moetune.core.layers import LoRALinear, RoutedLayer
+from tests.helpers import REPO
 from tests.helpers.tiny_models import tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fsdp_plugin(config: Path, monkeypatch: pytest.MonkeyPatch):
@@ -39,7 +38,7 @@ def _fsdp_plugin(config: Path, monkeypatch: pytest.MonkeyPatch):
 def test_example_fsdp2_config_wraps_decoder_layers_only(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    plugin = _fsdp_plugin(ROOT / "examples" / "accelerate" / "fsdp2.yaml", monkeypatch)
+    plugin = _fsdp_plugin(REPO / "examples" / "accelerate" / "fsdp2.yaml", monkeypatch)
     assert plugin.fsdp_version == 2
     model = moetune.get_moe_model(tiny_model(family), moetune.MoEConfig(num_experts=4, attn_r=4))
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import moetune
 from moetune.core.routing import Router
+from tests.helpers.models import ROUTERS
 from tests.helpers.tiny_models import tiny_batch, tiny_model
 
-ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
 BASE = dict(task="A", extra_tasks=["B", "C"], num_experts=4, top_k=2, r=4, lora_dropout=0.0)
 
 

@@ -9,9 +9,9 @@ import torch
 
 import moetune
 from moetune.core.layers import MoEFFN, MoELinear
+from tests.helpers.models import ROUTERS
 from tests.helpers.tiny_models import tiny_batch, tiny_model
 
-ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
 # shared experts, attention LoRA and a trained copy of lm_head: everything freeze_existing must keep
 BASE = dict(
     task="A",

@@ -26,12 +26,10 @@ from moetune.core.experts import LoRAExperts
 from moetune.core.stats import PER_RANK_BUFFERS
 from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
 from moetune.train.trainer import MoETrainer
+from tests.helpers.models import ROUTERS, dataset, fresh, inputs, make_cfg
 from tests.helpers.tiny_models import tiny_batch, tiny_model
-from tests.model.test_model import fresh, inputs, make_cfg
-from tests.train.test_training import dataset
 
 HALF = [torch.bfloat16, torch.float16]
-ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
 KINDS = [("llama", "ffn"), ("llama", "linear"), ("gpt2", "ffn"), ("gpt2", "linear")]  # gpt2: Conv1D
 HALF_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # every part whose precision matters: attention LoRA, every balance loss (the contrastive one runs an

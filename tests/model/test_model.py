@@ -3,8 +3,6 @@ statistics, padding, disable_adapter, aux-loss-free bias, per-layer expert count
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 
 import pytest
@@ -14,45 +12,12 @@ from transformers import PreTrainedModel
 import moetune
 from moetune.core.experts import LoRAExperts
 from moetune.core.layers import LoRALinear, MoEFFN, MoELinear, TrainableCopy
-from tests.helpers.tiny_models import tiny_batch, tiny_model
+from tests.helpers.models import ROUTERS, base_logits, fresh, inputs, make_cfg
+from tests.helpers.tiny_models import tiny_batch
 
-ROUTERS = ["topk", "topp", "soft", "switch", "threshold"]
 FFN_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
 LINEAR_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "bert"]
 FAMILY_TYPES = [(f, "ffn") for f in FFN_FAMILIES] + [(f, "linear") for f in LINEAR_FAMILIES]
-
-
-@functools.cache
-def _pristine(family: str, dtype: torch.dtype = torch.float32):
-    return tiny_model(family, dtype=dtype)
-
-
-def fresh(family: str, dtype: torch.dtype = torch.float32):
-    """`tiny_model(family)` (seed 0), copied from a cached build: building costs 30-100 ms, copying 5."""
-    return copy.deepcopy(_pristine(family, dtype))
-
-
-@functools.cache
-def _base_logits(family: str) -> torch.Tensor:
-    with torch.no_grad():
-        return _pristine(family)(**inputs(tiny_batch(family))).logits
-
-
-def base_logits(family: str) -> torch.Tensor:
-    """The untouched base model's logits on `tiny_batch(family)`."""
-    return _base_logits(family).clone()
-
-
-def make_cfg(**kw) -> moetune.MoEConfig:
-    """Small experts, no dropout; the Switch loss is off for `soft` (it would warn: constant there)."""
-    kw = {"num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0} | kw
-    if kw.get("router") == "soft":
-        kw.setdefault("aux_loss_coef", 0.0)
-    return moetune.MoEConfig(**kw)
-
-
-def inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def expert_banks(model: moetune.MoEModel) -> list[tuple[str, LoRAExperts]]:

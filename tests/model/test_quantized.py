@@ -24,7 +24,7 @@ from moetune.core.merge import MergeError
 from moetune.interop.export import ExportError, export_moe
 from moetune.io.adapter import WEIGHTS_NAME
 from moetune.io.provenance import BaseMismatchError, base_parameters, fingerprint, stored_tensors
-from tests.core.test_equivalence import randomize_, run
+from tests.helpers.numerics import randomize_, run
 from tests.helpers.tiny_models import HIDDEN, INTERMEDIATE, LAYERS, tiny_batch, tiny_model
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -221,7 +221,7 @@ def test_training_saving_and_reloading_keep_the_quantized_base(expert_type, tmp_
 
 
 def test_a_base_loaded_quantized_by_transformers(tmp_path):
-    """The README's way: from_pretrained with a TorchAoConfig, then get_moe_model."""
+    """docs/quantization-and-memory.md's way: from_pretrained with a TorchAoConfig, then get_moe_model."""
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     tiny_model("llama").save_pretrained(tmp_path / "base")

@@ -20,7 +20,7 @@ import moetune
 from moetune.core.layers import LoRALinear, MoEFFN, MoELinear
 from moetune.core.merge import MergeError
 from moetune.io.provenance import _saved_layout, base_parameters, fingerprint
-from tests.core.test_equivalence import randomize_, run
+from tests.helpers.numerics import randomize_, run
 from tests.helpers.tiny_models import _llama_config, tiny_batch
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moetune.train import checkpoints
-from tests.train.test_training import snapshot, trainer
+from tests.helpers.models import snapshot, trainer
 
 
 def half_write(checkpoint: str) -> None:

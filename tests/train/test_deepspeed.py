@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 import moetune
 from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
 from tests.helpers import ddp_worker
+from tests.helpers.distributed import ATOL, load_run, max_diff, torchrun
 from tests.helpers.tiny_models import tiny_model
-from tests.train.test_distributed import ATOL, _load, _max_diff, _torchrun
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)"
@@ -45,18 +45,18 @@ Run = dict[str, Any]  # as in test_distributed, and "trainer-save": the director
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, Run] | Run]:
     """'zero2-plain', 'zero3-plain', 'zero3-balance' -> rank -> Run; 'single-plain' / 'single-balance'."""
     out = tmp_path_factory.mktemp("deepspeed")
-    _torchrun(["--deepspeed", str(out / "ds"), *SPECS], env={"DS_ACCELERATOR": "cpu"})
+    torchrun(["--deepspeed", str(out / "ds"), *SPECS], env={"DS_ACCELERATOR": "cpu"})
     ddp_worker.main([str(out / "single"), "plain:4:1:0", "balance:2:2:0"])
     found: dict[str, dict[int, Run] | Run] = {
-        "single-plain": _load(out / "single" / "plain-b4-ga1-log0" / "rank0"),
-        "single-balance": _load(out / "single" / "balance-b2-ga2-log0" / "rank0"),
+        "single-plain": load_run(out / "single" / "plain-b4-ga1-log0" / "rank0"),
+        "single-balance": load_run(out / "single" / "balance-b2-ga2-log0" / "rank0"),
     }
     for name, run_dir in [
         ("zero2-plain", "zero2-resume-plain-b2-ga1-log0"),
         ("zero3-plain", "zero3-resume-plain-b2-ga1-log0"),
         ("zero3-balance", "zero3-balance-b2-ga1-log0"),
     ]:
-        ranks = {rank: _load(out / "ds" / run_dir / f"rank{rank}") for rank in (0, 1)}
+        ranks = {rank: load_run(out / "ds" / run_dir / f"rank{rank}") for rank in (0, 1)}
         ranks[0]["trainer-save"] = out / "ds" / run_dir / "trainer-save"
         found[name] = ranks
     return found
@@ -68,9 +68,9 @@ def test_zero_two_processes_equal_one_process(runs, name: str) -> None:
     assert r0["run"]["world_size"] == 2 and r0["run"]["steps"] == 5
     for key, value in r0["adapter"].items():
         assert torch.equal(value, r1["adapter"][key]), key
-    diff = _max_diff(r0["adapter"], runs["single-plain"]["adapter"])
+    diff = max_diff(r0["adapter"], runs["single-plain"]["adapter"])
     assert diff <= ATOL, diff
-    assert _max_diff(r0["adapter"], r0["init"]) > 1e-2  # training moved the adapter (routers included)
+    assert max_diff(r0["adapter"], r0["init"]) > 1e-2  # training moved the adapter (routers included)
     routers = [k for k in r0["adapter"] if ".router.weight_blocks." in k]
     assert routers and all(not torch.equal(r0["adapter"][k], r0["init"][k]) for k in routers)
     # all-reduced statistics: every real token of the run (the resumed run: of steps 4 and 5, rows 12..19)
@@ -99,7 +99,7 @@ def test_zero_resumes_from_its_checkpoint(runs, name: str) -> None:
 def test_zero3_balance_losses_per_rank(runs) -> None:
     """With balance losses, 2 ranks x 2 rows equal 1 process x 2 micro-batches of 2 rows (as under DDP)."""
     ds = runs["zero3-balance"][0]
-    diff = _max_diff(ds["adapter"], runs["single-balance"]["adapter"])
+    diff = max_diff(ds["adapter"], runs["single-balance"]["adapter"])
     assert diff <= ATOL, diff
 
 

@@ -17,31 +17,21 @@ runs DDP instead). Measured difference to one process: 2.5e-8, under the same AT
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 import moetune
 from moetune.core.stats import PER_RANK_BUFFERS
 from moetune.io.adapter import adapter_state_dict
 from tests.helpers import ddp_worker
+from tests.helpers.distributed import ATOL, Run, load_run, max_diff, run_dir, torchrun
 from tests.helpers.tiny_models import tiny_model
 
-ATOL = 1e-6
-ROOT = Path(__file__).resolve().parents[2]
 # case:per_device_batch:grad_accum:log_steps (see ddp_worker). 2 ranks x 2 rows = 1 process x 4 rows.
 TWO_PROCESS = ["plain:2:1:0", "bias:2:1:0", "balance:2:1:0", "balance:1:2:3"]
 ONE_PROCESS = ["plain:4:1:0", "bias:4:1:0", "balance:4:1:0", "balance:2:2:0", "balance:1:4:3"]
 
-Run = dict[str, Any]  # "adapter": name -> tensor, "init": the adapter before training, "run": run.json
 # (FSDP runs also "dir": the rank's directory)
 
 pytestmark = pytest.mark.skipif(
@@ -49,58 +39,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load(rank_dir: Path) -> Run:
-    return {
-        "adapter": load_file(str(rank_dir / "moetune_model.safetensors")),
-        "init": load_file(str(rank_dir / "init" / "moetune_model.safetensors")),
-        "run": json.loads((rank_dir / "run.json").read_text()),
-    }
-
-
-def _run_dir(spec: str) -> str:
-    case, per_device, grad_accum, log_steps = spec.split(":")
-    return f"{case}-b{per_device}-ga{grad_accum}-log{log_steps}"
-
-
-DIST_ENV_PREFIXES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_",
-    "TORCHELASTIC_",
-    "ACCELERATE_",
-)
-
-
-def _torchrun(worker_args: list[str], env: dict[str, str] | None = None) -> None:
-    """`ddp_worker.py` under torchrun, 2 processes, in a clean environment (no rank variables inherited
-    from the test process). One retry when a rank dies in C++ shutdown ("terminate called without an
-    active exception", seen rarely under load after training finished): the rerun overwrites its files."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(DIST_ENV_PREFIXES)}
-    env = keep | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    cmd += [str(ROOT / "tests" / "helpers" / "ddp_worker.py"), *worker_args]
-    for attempt in range(2):
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            break
-        print(f"torchrun attempt {attempt + 1}: a rank aborted in shutdown; retrying", file=sys.stderr)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, int], Run]:
     """(world, spec, rank) -> Run, with world "ddp" (2 processes) or "single" (this process)."""
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun([str(out / "ddp"), *TWO_PROCESS])
+    torchrun([str(out / "ddp"), *TWO_PROCESS])
     ddp_worker.main([str(out / "single"), *ONE_PROCESS])
     found: dict[tuple[str, str, int], Run] = {}
     for spec in TWO_PROCESS:
         for rank in (0, 1):
-            found["ddp", spec, rank] = _load(out / "ddp" / _run_dir(spec) / f"rank{rank}")
+            found["ddp", spec, rank] = load_run(out / "ddp" / run_dir(spec) / f"rank{rank}")
     for spec in ONE_PROCESS:
-        found["single", spec, 0] = _load(out / "single" / _run_dir(spec) / "rank0")
+        found["single", spec, 0] = load_run(out / "single" / run_dir(spec) / "rank0")
     return found
 
 
@@ -108,14 +58,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, int],
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Run]:
     """rank -> Run of `ddp_worker.py --fsdp plain:2:1:0` under torchrun (2 processes, FSDP2)."""
     out = tmp_path_factory.mktemp("fsdp")
-    _torchrun(["--fsdp", str(out), "plain:2:1:0"])
-    rank_dirs = {rank: out / _run_dir("plain:2:1:0") / f"rank{rank}" for rank in (0, 1)}
-    return {rank: _load(rank_dir) | {"dir": rank_dir} for rank, rank_dir in rank_dirs.items()}
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: str = "\0") -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a if skip not in k)
+    torchrun(["--fsdp", str(out), "plain:2:1:0"])
+    rank_dirs = {rank: out / run_dir("plain:2:1:0") / f"rank{rank}" for rank in (0, 1)}
+    return {rank: load_run(rank_dir) | {"dir": rank_dir} for rank, rank_dir in rank_dirs.items()}
 
 
 def test_ranks_end_with_identical_adapters(runs) -> None:
@@ -131,9 +76,9 @@ def test_ranks_end_with_identical_adapters(runs) -> None:
 def test_two_processes_equal_one_process_without_balance_losses(runs, case: str) -> None:
     ddp, single = runs["ddp", f"{case}:2:1:0", 0], runs["single", f"{case}:4:1:0", 0]
     assert single["run"]["world_size"] == 1 and single["run"]["steps"] == 5
-    diff = _max_diff(ddp["adapter"], single["adapter"])
+    diff = max_diff(ddp["adapter"], single["adapter"])
     assert diff <= ATOL, diff
-    assert _max_diff(single["adapter"], single["init"]) > 1e-2  # training moved the adapter
+    assert max_diff(single["adapter"], single["init"]) > 1e-2  # training moved the adapter
 
 
 def test_bias_and_statistics_are_all_reduced(runs) -> None:
@@ -161,9 +106,9 @@ def test_balance_losses_are_per_rank_micro_batch_means(runs) -> None:
     batch of 4 rows: the Switch loss sum_i f_i P_i is not linear in the tokens.
     """
     ddp = runs["ddp", "balance:2:1:0", 0]
-    assert _max_diff(ddp["adapter"], runs["single", "balance:2:2:0", 0]["adapter"]) <= ATOL
+    assert max_diff(ddp["adapter"], runs["single", "balance:2:2:0", 0]["adapter"]) <= ATOL
     global_batch = runs["single", "balance:4:1:0", 0]["adapter"]
-    assert _max_diff(ddp["adapter"], global_batch, skip="expert_bias") > 1e-3
+    assert max_diff(ddp["adapter"], global_batch, skip="expert_bias") > 1e-3
 
 
 def test_accumulation_under_ddp_and_logs(runs) -> None:
@@ -173,7 +118,7 @@ def test_accumulation_under_ddp_and_logs(runs) -> None:
     of the logged steps are means over all ranks, as in one process; it resets the statistics.
     """
     ddp, single = runs["ddp", "balance:1:2:3", 0], runs["single", "balance:1:4:3", 0]
-    assert _max_diff(ddp["adapter"], single["adapter"]) <= ATOL
+    assert max_diff(ddp["adapter"], single["adapter"]) <= ATOL
     (got,), (expected,) = ddp["run"]["logs"], single["run"]["logs"]
     assert got["step"] == expected["step"] == 3
     for key in ("loss", "moe/aux_loss", "moe/z_loss", "moe/load_cv"):
@@ -211,9 +156,9 @@ def test_fsdp_two_processes_equal_one_process(fsdp_runs, runs) -> None:
     real_tokens = sum(sum(row) for row in ddp_worker.dataset()["attention_mask"])
     assert all(stats["tokens"] == real_tokens for stats in r0["run"]["routing"].values())
     single = runs["single", "plain:4:1:0", 0]
-    diff = _max_diff(r0["adapter"], single["adapter"])
+    diff = max_diff(r0["adapter"], single["adapter"])
     assert diff <= ATOL, diff
-    assert _max_diff(r0["adapter"], r0["init"]) > 1e-2  # training moved the adapter
+    assert max_diff(r0["adapter"], r0["init"]) > 1e-2  # training moved the adapter
     assert r0["run"]["reload_equals_init"] and r1["run"]["reload_equals_init"]  # loading into the shards
 
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 from moetune.app.cli import main
 from moetune.train import checkpoints
+from tests.helpers import REPO
 from tests.helpers.tiny_models import tiny_chat_tokenizer, tiny_model
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
 model: {model}
 seed: 3
@@ -84,9 +84,9 @@ def project(tmp_path_factory) -> dict[str, Path]:
 
 def start(config: Path, out: Path, mode: str) -> subprocess.Popen:
     argv = ["train", str(config), "--output-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tests.helpers.interrupt_worker", mode, *argv]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "ready").exists():
         assert proc.poll() is None, proc.communicate()[1]

@@ -6,58 +6,8 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import TrainingArguments
 
-import moetune
-from moetune.io.adapter import adapter_state_dict
-from moetune.train.trainer import MoETrainer
-from tests.helpers.tiny_models import tiny_model
-
-CFG = dict(
-    num_experts=4,
-    bias_update_rate=0.01,
-    router_jitter=0.1,
-    lora_dropout=0.1,
-    attn_r=4,
-    importance_loss_coef=0.1,
-)
-
-
-def dataset(n: int = 40, seq: int = 12) -> Dataset:
-    ids = torch.randint(3, 127, (n, seq), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(n, seq, dtype=torch.long)
-    mask[::3, -4:] = 0  # some padded rows
-    labels = ids.masked_fill(mask == 0, -100)
-    return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
-    )
-
-
-def trainer(out: str, max_steps: int = 8, moe: dict | None = None, **kwargs) -> MoETrainer:
-    """A MoETrainer on a tiny llama (config CFG updated by `moe`); kwargs go to TrainingArguments."""
-    torch.manual_seed(1)  # adapter initialisation
-    model = moetune.get_moe_model(tiny_model("llama"), moetune.MoEConfig(**{**CFG, **(moe or {})}))
-    args = TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=max_steps,
-        save_steps=3,
-        logging_steps=2,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        **kwargs,
-    )
-    return MoETrainer(model=model, args=args, train_dataset=dataset(), router_lr_multiplier=3.0)
-
-
-def snapshot(t: MoETrainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in adapter_state_dict(t.model).items()}
+from tests.helpers.models import dataset, snapshot, trainer
 
 
 def test_resume_is_bitwise_exact(tmp_path) -> None:
