@@ -230,7 +230,7 @@ QUIET_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
 def keep_freed_memory() -> None:
     """glibc (Linux): keep freed memory in the process instead of returning it to the system, so a CPU
     training step reuses its pages instead of faulting fresh ones in: the same as MALLOC_MMAP_MAX_=0 and
-    MALLOC_TRIM_THRESHOLD_ at its maximum, which made training steps 11-28% faster (docs/benchmarks.md)."""
+    MALLOC_TRIM_THRESHOLD_ at its maximum (its effect on training steps: docs/benchmarks.md)."""
     if sys.platform != "linux" or os.environ.get("MOETUNE_KEEP_FREED_MEMORY", "1") == "0":
         return
     import ctypes

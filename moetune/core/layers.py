@@ -297,10 +297,8 @@ class MoEFFN(RoutedLayer):
 
         The K per-slot hidden tensors (K, T, F) are K times the frozen FFN's largest activation. In
         blocks they stay small, so the allocator hands the same memory back every block instead of
-        fresh pages that fault on first touch: on the small benchmark model (8x256 tokens, hidden
-        512/1376, E=8) an inference forward took about 82k minor page faults in blocks against
-        128-153k in one block (peft LoRA: 64-81k, 64k of them the logits). It also bounds the
-        inference memory of long inputs. The routing is already done, so every token gets the same
+        fresh pages that fault on first touch (page-fault counts in benchmarks/README.md). It also
+        bounds the inference memory of long inputs. The routing is already done, so every token gets the same
         experts and weights as in one block.
         """
         T, block = x_TD.shape[0], self.ctx.options.cpu_inference_block
