@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.moe:
         key, _, value = item.partition("=")
         moe[key] = int(value) if value.lstrip("-").isdigit() else value
-    torch.set_num_threads(1)  # counts do not depend on threads; one keeps a shared machine usable
     peft, ours = count("peft", args, {}), count("moe", args, moe)
     head = (
         f"One training step, {args.layers} Llama layers of SmolLM2-135M's shapes, batch "
@@ -172,4 +171,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # counts do not depend on threads; one keeps a shared machine usable
     raise SystemExit(main())
