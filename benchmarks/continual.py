@@ -1,4 +1,4 @@
-"""Continual-learning benchmark: train task A, then task B, and measure what B does to A (survey §2.3).
+"""Continual-learning benchmark: train task A, then task B, and measure what B does to A.
 
 On the built-in demo's model (SmolLM2-135M-Instruct) and data: task A = BBC news topic (5 classes),
 task B = movie-review sentiment (2 classes), both scored by option log-likelihood with 95% Wilson

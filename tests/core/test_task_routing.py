@@ -1,4 +1,4 @@
-"""Task routing (`task_routing`, SPEC §2): the router reads a learned per-task embedding, alone ("task",
+"""Task routing (`task_routing`, MOELoRA): the router reads a learned per-task embedding, alone ("task",
 MOELoRA, Liu et al. 2023: a fixed mixture per task) or added to the token ("token+task")."""
 
 from __future__ import annotations

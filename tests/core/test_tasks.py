@@ -1,4 +1,4 @@
-"""Tasks and continual learning (survey §2.3): experts owned by tasks, `add_experts`, task-restricted
+"""Tasks and continual learning: experts owned by tasks, `add_experts`, task-restricted
 routing through `use_tasks` and `task_ids`, and the guarantee that an old task's outputs survive
 training a new task on new experts."""
 

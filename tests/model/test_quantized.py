@@ -117,7 +117,7 @@ def test_experts_over_quantized_linears_start_at_the_quantized_base(expert_type,
             assert torch.equal(model(**batch).logits, want)
     if expert_type == "linear":  # W x + 0: exactly the base
         assert torch.equal(got, want)
-    else:  # the fast path mixes K equal slots with weights summing to 1: rounding only (SPEC: 1e-5)
+    else:  # the fast path mixes K equal slots with weights summing to 1: rounding only (1e-5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert_base_untouched(base, before)
 
