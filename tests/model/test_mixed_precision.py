@@ -1,8 +1,8 @@
 """Mixed precision: bf16/fp16 bases, `adapter_dtype`, torch.autocast, and the HF Trainer's bf16/fp16 flags.
 
-What must hold whatever the base's dtype: router logits, probabilities, weights and balance losses in
-fp32 (as the Switch Transformer's), routing statistics and the aux-loss-free bias update in fp64/fp32, LoRA weights fp32
-by default (peft's autocast_adapter_dtype) or in `adapter_dtype`, outputs in the base's dtype.
+What must hold whatever the base's dtype: router logits, probabilities, weights and balance losses in fp32
+(as the Switch Transformer's), routing statistics and the aux-loss-free bias update in fp64/fp32, LoRA
+weights fp32 by default (peft's autocast_adapter_dtype) or in `adapter_dtype`, outputs in the base's dtype.
 """
 
 from __future__ import annotations
