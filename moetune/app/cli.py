@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _moe_options(train, demo.DEFAULT_MOE)
 
     about_eval = "accuracy of a trained adapter, per task with 95% intervals, printed as JSON"
-    ev = sub.add_parser("eval", help=about_eval, description=about_eval)
+    # argparse %-formats a help line (not a description): its % doubled
+    ev = sub.add_parser("eval", help=about_eval.replace("%", "%%"), description=about_eval)
     ev.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     ev.add_argument(
         "--test-per-task",

@@ -3,6 +3,7 @@ read as numbers, output directories never overwritten unasked, files others can 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -635,3 +636,19 @@ def test_a_bf16_run_is_scored_in_bf16_and_eval_recomputes_it(root, capsys) -> No
     assert main(["eval", "--adapter", "out/adapter"]) == 0
     after = json.loads((root / "out" / "metrics.json").read_text())["after"]
     assert json.loads(capsys.readouterr().out) == after
+
+
+def test_every_help_page_prints(capsys) -> None:
+    """`moetune --help` and each command's `--help` print (argparse %-formats help lines: a lone % in
+    one of them broke the top-level page)."""
+    from moetune.app.cli import build_parser, main
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    pages = {}
+    for argv in (["--help"], *([name, "--help"] for name in commands)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+        pages[argv[0]] = capsys.readouterr().out
+        assert pages[argv[0]].startswith("usage: moetune") and "%%" not in pages[argv[0]], argv
+    assert "95%" in " ".join(pages["--help"].split()) and "95% intervals" in " ".join(pages["eval"].split())
