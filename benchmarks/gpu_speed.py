@@ -262,7 +262,7 @@ def row(name: str, r: dict[str, Any], base: dict[str, Any] | None, args: argpars
         cells += [str(r["launches"]), ratio("launches")]
     for b in args.generate:
         key = f"generate_b{b}_tok_s"
-        cells += [f"{r[key]:.0f}", f"{r[key] / base[key]:.2f}" if base else "-"]
+        cells += [f"{r[key]:.0f}", ratio(key)]
     return f"| {name} | {' | '.join(cells)} |"
 
 

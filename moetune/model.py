@@ -16,7 +16,7 @@ from moetune.config import MoEConfig
 from moetune.core import balance, stats
 from moetune.core import tasks as tasks_of
 from moetune.core.checkpointing import AuxTap, tap_gradient
-from moetune.core.context import ComputeOptions, RouterRecord, RoutingContext
+from moetune.core.context import ComputeOptions, RouterRecord, RoutingContext, token_mask_of
 from moetune.core.injection import inject
 from moetune.core.layers import (
     RoutedLayer,
@@ -107,11 +107,8 @@ class MoEModel(nn.Module):
         )
         inputs = {k: v for k, v in named.items() if v is not None} | kwargs
         ctx, state = self._ctx, self._ctx.state
-        # transformers never gives an MLP the attention mask: the layers read it from the context.
-        # Padding-free batches (position_ids, no attention_mask) hold no padding: every token is real.
-        state.token_mask = (
-            attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        )
+        # transformers never gives an MLP the attention mask: the layers read it from the context
+        state.token_mask = token_mask_of(attention_mask)
         ctx.records = []
         cfg = self.moe_config
         state.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and state.adapter_enabled
@@ -378,9 +375,8 @@ class MoEModel(nn.Module):
     def generate(self, *args: Any, task_ids: Tensor | Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`; routing statistics skip the prompt's padding (left padding).
         `task_ids` as in `forward` (one per sequence generated)."""
-        mask = kwargs.get("attention_mask")
         state = self._ctx.state
-        state.token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+        state.token_mask = token_mask_of(kwargs.get("attention_mask"))
         state.sample_tasks = (
             None if task_ids is None else tasks_of.sample_groups(self.moe_config, task_ids, None)
         )

@@ -25,6 +25,12 @@ from moetune.core.routing import Routing
 from moetune.core.tasks import Blocks, SampleGroup
 
 
+def token_mask_of(attention_mask: Tensor | None) -> Tensor | None:
+    """The (B, L) real-token mask of a forward: its 2-D attention mask. Padding-free batches
+    (position_ids, no attention mask) hold no padding: None, every token is real."""
+    return attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+
+
 @dataclass
 class ComputeOptions:
     """How the layers compute: none of these changes a result beyond float rounding."""

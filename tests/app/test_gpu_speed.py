@@ -3,15 +3,11 @@ inference, kernel (here: aten op) counts and greedy generation, for peft LoRA an
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 
-from tests.helpers import REPO
+from tests.helpers import benchmark
 
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-gpu_speed = importlib.import_module("gpu_speed")
+gpu_speed = benchmark("gpu_speed")
 
 
 def test_the_table_runs_on_the_cpu(tmp_path, capsys):

@@ -4,23 +4,16 @@ by hand."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
-import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
-)
+from tests.helpers import benchmark
 
-
-if BENCHMARKS not in sys.path:  # the benchmark scripts import each other by module name
-    sys.path.insert(0, BENCHMARKS)
-multitask = importlib.import_module("multitask")
-multitask_data = importlib.import_module("multitask_data")
+multitask = benchmark("multitask")
+multitask_data = benchmark("multitask_data")
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import benchmark
 
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-op_count = importlib.import_module("op_count")
+op_count = benchmark("op_count")
 
 
 def test_counts_ops_and_the_bytes_they_return():
