@@ -74,6 +74,13 @@ class ExpertMath:
     def dtype(self) -> torch.dtype:
         return self._pairs()[0][0].dtype
 
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype of the experts' matrix products on `device_type`: autocast's where it is on there
+        (it casts float32 and 16-bit operands, not float64), else the weights' own."""
+        if self.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.dtype
+
     # ---- fast paths ------------------------------------------------------------------------------
     def dense(self, x_TD: Tensor, w_TE: Tensor) -> Tensor:
         """sum_e w_te * s * B_e A_e x_t  -> (T, d_out)."""
@@ -106,13 +113,14 @@ class ExpertMath:
         K, T, N = mask_KTN.shape
         z_KTM = (xA_TM.view(1, T, N, self.r) * mask_KTN[..., None]).view(K, T, N * self.r)
         B_KMF = self.flat_B().expand(K, -1, -1)
-        if base_TF.dtype == self.dtype:
+        if base_TF.dtype == self.compute_dtype(base_TF.device.type):  # (autocast casts z and B)
             return torch.baddbmm(base_TF.unsqueeze(0), z_KTM, B_KMF)
         return base_TF.unsqueeze(0) + torch.bmm(z_KTM, B_KMF).to(base_TF.dtype)
 
     def reduce_slots(self, h_KTD: Tensor, gate_KTN: Tensor) -> Tensor:
         """sum_k w_tk s B_{idx_tk} A_{idx_tk} h_tk  -> (T, d_out); `gate_KTN` = slot_mask(idx, w)."""
-        return self.reduce_slots_xA(h_KTD.to(self.dtype) @ self.flat_A().T, gate_KTN)
+        h_KTD = h_KTD.to(self.compute_dtype(h_KTD.device.type))
+        return self.reduce_slots_xA(h_KTD @ self.flat_A().T, gate_KTN)
 
     def reduce_slots_xA(self, hA_KTM: Tensor, gate_KTN: Tensor) -> Tensor:
         """`reduce_slots` from h flat_A()^T  (K, T, N r)."""
@@ -422,10 +430,12 @@ class DenseSlots(SlotsKT):
         self, h_KTF: Tensor, init_TF: Tensor | None, bank: ExpertMath, mask_TF: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """As `Slots.mix_and_out_delta`, the mix and h A^T in one node (`MixAndProjectA`)."""
-        if h_KTF.dtype != bank.dtype or (mask_TF is not None and mask_TF.dtype != h_KTF.dtype):
+        dtype = bank.compute_dtype(h_KTF.device.type)
+        if h_KTF.dtype != dtype or (mask_TF is not None and mask_TF.dtype != dtype):
             return super().mix_and_out_delta(h_KTF, init_TF, bank, mask_TF)
-        w_KT = self.w_TK.T.to(h_KTF.dtype)
-        mixed_TF, hA_KTM = MixAndProjectA.apply(h_KTF, w_KT, init_TF, mask_TF, bank.flat_A())
+        w_KT = self.w_TK.T.to(dtype)
+        # A in the compute dtype: the node's backward runs its GEMMs outside autocast
+        mixed_TF, hA_KTM = MixAndProjectA.apply(h_KTF, w_KT, init_TF, mask_TF, bank.flat_A().to(dtype))
         return mixed_TF, bank.reduce_slots_xA(hA_KTM, bank.slot_mask(self.idx_TK, self.w_TK))
 
 
@@ -438,25 +448,35 @@ class GroupedSlots(SlotsKT):
         self.T, self.K = idx_TK.shape
         self.w_TK = w_TK
         self.groups = SlotGroups.build(idx_TK, num_experts)  # every bank of a layer has the same experts
+        self.device_type = xd_TD.device.type
         if in_banks:  # x A of every input projection in one grouped GEMM: (S, sum r)
             banks = list(in_banks.values())
-            xs_SD = xd_TD.to(banks[0].dtype).index_select(0, self.groups.token)
-            xA_SM = grouped_mm(xs_SD, torch.cat([b.A_T() for b in banks], 2), self.groups) * banks[0].scaling
+            dtype = self.dtype(banks[0])
+            xs_SD = xd_TD.to(dtype).index_select(0, self.groups.token)
+            A_NDM = torch.cat([b.A_T() for b in banks], 2).to(dtype)
+            xA_SM = grouped_mm(xs_SD, A_NDM, self.groups) * banks[0].scaling
             self.xA = dict(zip(in_banks, xA_SM.split([b.r for b in banks], 1), strict=True))
 
+    def dtype(self, bank: ExpertMath) -> torch.dtype:
+        """The grouped GEMMs' dtype: the bank's compute dtype (autocast's, which does not cover the
+        grouped GEMM: the casts are explicit) where its rows fit the GEMM, else the weights' own."""
+        dtype = bank.compute_dtype(self.device_type)
+        return dtype if has_grouped_mm(dtype, bank.r, bank.d_in, bank.d_out) else bank.dtype
+
     def add_delta(self, name: str, bank: LoRAExperts, base_TF: Tensor) -> Tensor:
-        delta_SF = grouped_mm(self.xA[name], bank.B_T(), self.groups)
+        delta_SF = grouped_mm(self.xA[name], bank.B_T().to(self.dtype(bank)), self.groups)
         delta_KTF = delta_SF.index_select(0, self.groups.inverse).view(self.K, self.T, -1)
         # in place on the fresh gathered tensor: one (K, T, F) tensor fewer than `base + delta`, and
         # nothing kept for backward (index_add_ would keep its whole source)
         return delta_KTF.to(base_TF.dtype).add_(base_TF)
 
     def out_delta(self, bank: LoRAExperts, h_KTF: Tensor) -> Tensor:
-        groups = self.groups
-        h_SF = h_KTF.reshape(self.K * self.T, -1).index_select(0, groups.order).to(bank.dtype)
-        gate_S1 = (groups.sorted(self.w_TK) * bank.scaling)[:, None].to(bank.dtype)
-        delta_SD = grouped_mm(grouped_mm(h_SF, bank.A_T(), groups) * gate_S1, bank.B_T(), groups)
-        out_TD = torch.zeros(self.T, bank.d_out, dtype=bank.dtype, device=h_SF.device)
+        groups, dtype = self.groups, self.dtype(bank)
+        h_SF = h_KTF.reshape(self.K * self.T, -1).index_select(0, groups.order).to(dtype)
+        gate_S1 = (groups.sorted(self.w_TK) * bank.scaling)[:, None].to(dtype)
+        hA_SM = grouped_mm(h_SF, bank.A_T().to(dtype), groups) * gate_S1
+        delta_SD = grouped_mm(hA_SM, bank.B_T().to(dtype), groups)
+        out_TD = torch.zeros(self.T, bank.d_out, dtype=dtype, device=h_SF.device)
         return out_TD.index_add(0, groups.token, delta_SD)
 
 
@@ -521,25 +541,26 @@ class SortedSlots(Slots):
         """base_t + delta_j(x_t) for every slot (t, j)  -> (S, F)."""
         out_SF = self.broadcast(base_TF)  # fresh: the experts add into their rows in place
         xA_Sr, weights = self.xA[name], bank.all_expert_weights()
+        dtype = bank.compute_dtype(out_SF.device.type)
         for j, a, b in self.spans:
             B = weights[j][1]
-            if out_SF.dtype == bank.dtype:
-                out_SF[a:b].addmm_(xA_Sr[a:b], B.T, alpha=bank.scaling)
+            if out_SF.dtype == dtype:  # in place: autocast casts no operand, so B is cast here
+                out_SF[a:b].addmm_(xA_Sr[a:b].to(dtype), B.T.to(dtype), alpha=bank.scaling)
             else:
                 out_SF[a:b] += (xA_Sr[a:b] @ B.T * bank.scaling).to(out_SF.dtype)
         return out_SF
 
     def out_delta(self, bank: ExpertMath, h_SF: Tensor) -> Tensor:
         """w s B_j A_j h of every slot  -> (S, d_out), for `add_out`."""
-        dtype, weights = bank.dtype, bank.all_expert_weights()
+        dtype, weights = bank.compute_dtype(h_SF.device.type), bank.all_expert_weights()
         h_SF = h_SF.to(dtype)
         gate_S1 = self.w_S1.to(dtype) * bank.scaling  # applied on the (n, r) side
         z = [(h_SF[a:b] @ weights[j][0].T) * gate_S1[a:b] for j, a, b in self.spans]
         if torch.is_grad_enabled():
             return torch.cat([z_n @ weights[j][1].T for z_n, (j, _, _) in zip(z, self.spans, strict=True)])
         delta_SD = h_SF.new_empty(h_SF.shape[0], bank.d_out)
-        for z_n, (j, a, b) in zip(z, self.spans, strict=True):
-            torch.mm(z_n, weights[j][1].T, out=delta_SD[a:b])
+        for z_n, (j, a, b) in zip(z, self.spans, strict=True):  # out=: autocast casts no operand
+            torch.mm(z_n.to(dtype), weights[j][1].T.to(dtype), out=delta_SD[a:b])
         return delta_SD
 
     def add_out(self, y_TD: Tensor, delta_SD: Tensor) -> Tensor:

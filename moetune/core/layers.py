@@ -43,17 +43,17 @@ from moetune.core.stats import accumulate_stats
 from moetune.core.tasks import Blocks
 
 
-def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
+def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float, dtype: torch.dtype | None = None) -> Tensor:
     """Inverted dropout's multiplier (Srivastava et al. 2014): 0 with probability p, else 1 / (1 - p),
-    in `like`'s dtype and device. On CPU from uniform draws (u < 1 - p), faster there than bernoulli_;
-    on GPUs bernoulli_ is one fused kernel."""
-    keep = 1.0 - p
+    in `dtype` (default `like`'s) on `like`'s device. On CPU from uniform draws (u < 1 - p), faster
+    there than bernoulli_; on GPUs bernoulli_ is one fused kernel."""
+    keep, dtype = 1.0 - p, dtype or like.dtype
     if like.device.type != "cpu":
-        return like.new_empty(shape).bernoulli_(keep).div_(keep)
+        return like.new_empty(shape, dtype=dtype).bernoulli_(keep).div_(keep)
     # 16-bit uniforms are coarse (bf16 steps by 2^-8 near 1): draw in float32 for them
-    draw_dtype = torch.float32 if like.dtype.itemsize < 4 else like.dtype
+    draw_dtype = torch.float32 if dtype.itemsize < 4 else dtype
     u = torch.empty(shape, dtype=draw_dtype).uniform_()
-    return u.lt_(keep).to(like.dtype).div_(keep)
+    return u.lt_(keep).to(dtype).div_(keep)
 
 
 class LoRADropout(nn.Dropout):
@@ -317,7 +317,9 @@ class MoEFFN(RoutedLayer):
         xd_TD = self.lora_dropout(x_TD)  # once per token, shared by all experts
         in_banks = {p: banks[p] for p in self.spec.in_projs if p in banks}
         out_bank = banks.get(self.spec.out_proj)
-        mask_TF = self._hidden_dropout_mask(x_TD) if out_bank is not None else None
+        base_outs = [self._proj(p)(x_TD) for p in self.spec.in_projs]
+        # the hidden's dtype: under autocast the projections', not x's
+        mask_TF = self._hidden_dropout_mask(x_TD, base_outs[0].dtype) if out_bank is not None else None
         num_experts = next(iter(banks.values())).num_experts
         path = self.slot_path(banks, x_TD.device)
         if path == "sorted":
@@ -326,7 +328,6 @@ class MoEFFN(RoutedLayer):
             slots = GroupedSlots(in_banks, xd_TD, idx_TK, w_TK, num_experts)
         else:
             slots = DenseSlots(in_banks, xd_TD, idx_TK, w_TK)
-        base_outs = [self._proj(p)(x_TD) for p in self.spec.in_projs]
         # h0 + sum_k w_k (h_k - h0) = (1 - sum_k w_k) h0 + sum_k w_k h_k; the h0 term is skipped where
         # the weights sum to 1 for every token (it would be rounding error times h0)
         mixed_TF = None
@@ -408,13 +409,13 @@ class MoEFFN(RoutedLayer):
             return False  # torch.compile traces torch._grouped_mm for bf16 alone (torch 2.13)
         return bank.num_experts * bank.r * (1 / bank.d_in + 1 / bank.d_out) > 0.25
 
-    def _hidden_dropout_mask(self, x_TD: Tensor) -> Tensor | None:
+    def _hidden_dropout_mask(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor | None:
         """LoRA dropout's mask for the hidden (T, F) in training, one row per token shared by its K
         slots, drawn directly (one (T, F) tensor, not the three of nn.Dropout on ones)."""
         if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
         F = linear_dims(self._proj(self.spec.out_proj))[0]
-        return dropout_mask(x_TD, (x_TD.shape[0], F), self.lora_dropout.p)
+        return dropout_mask(x_TD, (x_TD.shape[0], F), self.lora_dropout.p, dtype)
 
     def _expert_ffn(
         self, e: int | None, x_TD: Tensor, xd_TD: Tensor, banks: dict[str, ExpertMath] | None = None

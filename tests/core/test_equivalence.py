@@ -661,7 +661,7 @@ def test_sorted_path_with_lora_dropout_equals_dense(family: str) -> None:
 def test_hidden_dropout_mask(family: str) -> None:
     """Training-mode LoRA dropout's mask for the hidden (T, F): every value 0 or 1 / (1 - p), about p
     of them 0 (overall and per row and column), the same mask for the same seed and a fresh one per
-    draw; none in eval mode.
+    draw, in the dtype asked for; none in eval mode.
     (The K slots of a token share its row: `test_sorted_path_with_lora_dropout_equals_dense`.)"""
     model = float64_model(family, "ffn", "topk", lora_dropout=0.3)
     layer = next(m for m in model.modules() if isinstance(m, MoEFFN))
@@ -669,21 +669,29 @@ def test_hidden_dropout_mask(family: str) -> None:
     d_model, F = linear_dims(getattr(layer.base_layer, layer.spec.out_proj))[::-1]
     x_TD = torch.randn(64, d_model, dtype=torch.float64)
     torch.manual_seed(0)
-    mask_TF = layer._hidden_dropout_mask(x_TD)
+    mask_TF = layer._hidden_dropout_mask(x_TD, x_TD.dtype)
     assert mask_TF.shape == (64, F) and mask_TF.dtype == torch.float64
     kept = mask_TF != 0
     assert torch.allclose(mask_TF[kept], torch.full_like(mask_TF[kept], 1 / 0.7))
     assert abs((~kept).double().mean().item() - 0.3) < 6 * (0.3 * 0.7 / mask_TF.numel()) ** 0.5  # 6 sd
     torch.manual_seed(0)
-    assert torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD))
-    assert not torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD))
-    big_TF = layer._hidden_dropout_mask(torch.randn(4096, d_model, dtype=torch.float64))
+    assert torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD, x_TD.dtype))
+    assert not torch.equal(mask_TF, layer._hidden_dropout_mask(x_TD, x_TD.dtype))
+    big_TF = layer._hidden_dropout_mask(torch.randn(4096, d_model, dtype=torch.float64), torch.float64)
     dropped = (big_TF == 0).double()
     for rate in (dropped.mean(1), dropped.mean(0)):  # per token and per feature: no stripes
         n = big_TF.numel() / rate.numel()
         assert (rate - 0.3).abs().max() < 6 * (0.3 * 0.7 / n) ** 0.5
+    # in the hidden's dtype (bf16 under autocast): float32 draws, as for a float32 mask
+    torch.manual_seed(0)
+    single_TF = layer._hidden_dropout_mask(x_TD, torch.float32)
+    torch.manual_seed(0)
+    low_TF = layer._hidden_dropout_mask(x_TD, torch.bfloat16)
+    assert low_TF.dtype == torch.bfloat16 and torch.equal(low_TF == 0, single_TF == 0)
+    low_kept = low_TF[low_TF != 0]
+    assert torch.equal(low_kept, torch.full_like(low_kept, 1 / 0.7))
     layer.eval()
-    assert layer._hidden_dropout_mask(x_TD) is None
+    assert layer._hidden_dropout_mask(x_TD, x_TD.dtype) is None
 
 
 def test_lora_dropout_module() -> None:

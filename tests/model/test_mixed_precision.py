@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainingArguments
 
 import moetune
@@ -27,6 +28,7 @@ from moetune.core.stats import PER_RANK_BUFFERS
 from moetune.io.adapter import WEIGHTS_NAME, adapter_state_dict
 from moetune.train.trainer import MoETrainer
 from tests.helpers.models import ROUTERS, dataset, fresh, inputs, make_cfg
+from tests.helpers.numerics import max_rel_error, randomize_
 from tests.helpers.tiny_models import tiny_batch, tiny_model
 
 HALF = [torch.bfloat16, torch.float16]
@@ -281,6 +283,65 @@ def test_autocast_router_logits_equal_the_fp32_models():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         unguarded = layer.router._route(x, mask, False, None, None)  # the math without the guard
     assert unguarded.logits.dtype == torch.bfloat16
+
+
+class LargeFloat32(TorchDispatchMode):
+    """The ops that write a float32 tensor of at least `numel` elements (views write none): (op, shape)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.seen.append((func.overloadpacket.__name__, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped", "sorted"])
+@pytest.mark.parametrize("autocast_dtype", HALF, ids=["bf16", "fp16"])
+def test_autocast_ffn_slots_stay_in_half_precision(autocast_dtype, dispatch):
+    """Under autocast the `ffn` slot tensors (K, T, F), the layer's largest, are computed in the autocast
+    dtype with fp32 adapter weights: no op makes a float32 one, in forward or backward, with LoRA
+    dropout on (its hidden mask is drawn in the hidden's dtype). Without dropout the fast path agrees
+    with the per-expert reference path under the same autocast (outputs and gradients)."""
+    sorted_path = dispatch == "sorted"  # inference: eval mode, no autograd
+    T, K, F = 64, 2, 64
+
+    def layer_with(dropout: float):
+        moe = moetune.get_moe_model(fresh("llama"), make_cfg(r=8, lora_alpha=16, lora_dropout=dropout))
+        randomize_(moe)
+        moe.train(not sorted_path)
+        _, layer = next(moe.moe_layers())
+        layer.ctx.options.dispatch = dispatch
+        assert layer.experts["up_proj"].dtype == torch.float32 and layer.slot_path() == dispatch
+        return layer
+
+    def run(layer, reference: bool = False):
+        layer.ctx.options.reference = reference
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(T, layer.router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        x.requires_grad_(not sorted_path)
+        with torch.set_grad_enabled(not sorted_path), torch.autocast("cpu", dtype=autocast_dtype):
+            y = layer(x)
+        if sorted_path:
+            return y, {}
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        return y.detach(), {"x": x.grad} | grads
+
+    layer = layer_with(dropout=0.1)
+    with LargeFloat32(K * T * F) as large:
+        run(layer)
+    assert large.seen == []
+    layer = layer_with(dropout=0.0)
+    (out, grads), (ref, ref_grads) = run(layer), run(layer, reference=True)
+    assert out.dtype == ref.dtype == autocast_dtype and grads.keys() == ref_grads.keys()
+    assert max_rel_error({"y": out, **grads}, {"y": ref, **ref_grads}) < 3e-2
 
 
 def test_losses_stay_fp32_under_autocast():
