@@ -10,6 +10,8 @@ batch size and max length for every method, trained and scored under bf16 autoca
            the adapter's initialisation and the data order).
   scaling  accuracy against trainable parameters: LoRA over ranks 8-256 at the rate chosen for LoRA
            r=16, moetune over E = 4-64 experts (top-2, r=8) at the rate chosen for its default.
+  timing   the training step time of the baselines and the three best candidates, apart from the
+           runs: rounds that run every method in turn for a few steps, on an otherwise idle machine.
   report   per method: chosen rate, mean validation and test accuracy (per seed and over seeds),
            per-task test accuracy, trainable parameters, seconds per training step, effective experts;
            for every moetune configuration a paired bootstrap 95% interval of its test-accuracy
@@ -20,7 +22,8 @@ stopped and can grow over several sittings. A run trains, saves its adapter unde
 scores the validation split; the test split is scored from that adapter only for the runs the report
 reads. Runs of another protocol (other data sizes, steps, grid...) are ignored.
 
-    python benchmarks/multitask.py                       # grid, seeds, scaling, then the report
+    python benchmarks/multitask.py                       # grid, seeds, scaling, timing, then the report
+    python benchmarks/multitask.py --phase timing        # the step times again (sweep stopped)
     python benchmarks/multitask.py --phase grid --methods lora-r16,moe-default --max-runs 4
     python benchmarks/multitask.py --phase report        # tables, JSON and scaling.png from the runs
     python benchmarks/multitask.py --quick --results-dir /tmp/mt   # tiny model, 2 tasks, 2 steps
@@ -36,6 +39,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -246,11 +251,11 @@ def matched_rank(model_config: Any) -> int:
     return max(1, round(moe.get_nb_trainable_parameters()[0] / per_rank))
 
 
-def run_one(
-    name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str | None = None, log=print
-) -> dict[str, Any]:
-    """Train one method at one learning rate and seed, save its adapter to `adapter_dir` (when given)
-    and score every validation item; the test items are scored from the saved adapter (`score_test`)."""
+def train(
+    name: str, lr: float, seed: int, proto: dict[str, Any], log=print, max_steps: int = 0, callbacks=()
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Train one method at one learning rate and seed (for `max_steps` steps when > 0, else the
+    protocol's), with `callbacks` added to the Trainer's: (model, tokenizer, splits, result)."""
     from transformers import Trainer
 
     from moetune.app.run import CURATED_DATA, Tasks, fit, trainer_inputs, training_mixture
@@ -267,7 +272,7 @@ def run_one(
         data=DataConfig(
             max_length=proto["max_length"], padding_free=not method.route_by_task, **CURATED_DATA
         ),
-        training=training_args(proto, lr),
+        training=training_args(proto, lr) | ({"max_steps": max_steps} if max_steps else {}),
         router_lr_multiplier=method.router_lr_multiplier,
         seed=seed,
         route_by_task=method.route_by_task,
@@ -284,13 +289,14 @@ def run_one(
 
         result["lora"] = lora_fields(method, matched_rank(model.config))
         model = get_peft_model(model, LoraConfig(**result["lora"], task_type="CAUSAL_LM"))
-        trainer = Trainer(model=model, **trainer_inputs(tokenizer, cfg, mixture, output_dir))
+        inputs = trainer_inputs(tokenizer, cfg, mixture, output_dir)
+        trainer = Trainer(model=model, callbacks=list(callbacks), **inputs)
         trainer.train()
     else:
         cfg.moe = moe_config(method, model.config, tasks)
         model = get_moe_model(model, cfg.moe)
         result["moe"] = cfg.moe.to_dict()
-        trainer, _ = fit(model, tokenizer, cfg, mixture, output_dir, log)
+        trainer, _ = fit(model, tokenizer, cfg, mixture, output_dir, log, callbacks=callbacks)
     result["train_seconds"] = round(time.time() - start, 1)
     steps = trainer.state.global_step
     result["steps"] = steps
@@ -298,6 +304,16 @@ def run_one(
     result["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
     result["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result["router_lr_multiplier"] = method.router_lr_multiplier
+    return model, tokenizer, splits, result
+
+
+def run_one(
+    name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str | None = None, log=print
+) -> dict[str, Any]:
+    """Train one method at one learning rate and seed, save its adapter to `adapter_dir` (when given)
+    and score every validation item; the test items are scored from the saved adapter (`score_test`)."""
+    model, tokenizer, splits, result = train(name, lr, seed, proto, log)
+    method = get_method(name)
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir)
     start = time.time()
@@ -308,6 +324,27 @@ def run_one(
         f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s validation scoring)"
     )
     return result
+
+
+class StepTimer(TrainerCallback):
+    """Seconds of each optimizer step: forward, backward and update, not the data loading."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.seconds.append(round(time.perf_counter() - self._start, 4))
+
+
+def time_steps(name: str, lr: float, proto: dict[str, Any], steps: int) -> list[float]:
+    """The first `steps` training steps of a method (seed 0), each one's seconds."""
+    timer = StepTimer()
+    train(name, lr, 0, proto, log=lambda _: None, max_steps=steps, callbacks=[timer])
+    return timer.seconds
 
 
 def score_test(name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str) -> dict[str, Any]:
@@ -452,7 +489,8 @@ def _save_run(path: str, key: tuple[str, float, int], run: dict[str, Any], state
 
 
 def run_worker(name: str, lr: float, seed: int, args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """`run_one` (mode "train") or `score_test` ("test") in a fresh process (fresh model, RNG, memory)."""
+    """`run_one` (mode "train"), `score_test` ("test") or `time_steps` ("time") in a fresh process
+    (fresh model, RNG, memory)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -531,6 +569,54 @@ def sweep(args: argparse.Namespace, state: dict[str, Any]) -> None:
             anchor = "lora-r16" if name.startswith("scale-lora") else "moe-default"
             if anchor in rates:
                 ensure_run(name, rates[anchor], 0, args, state, test=True)
+    names = seed_candidates(args, rates, state) if rates else []
+    timed = load_timing(args)
+    if args.phase == "timing" or (args.phase == "all" and not state["stopped"] and set(names) - set(timed)):
+        time_methods(names, rates, args)
+
+
+def timing_path(args: argparse.Namespace) -> str:
+    return os.path.join(args.results_dir, "timing.json")
+
+
+def load_timing(args: argparse.Namespace) -> dict[str, float]:
+    """Per timed method, the median of its kept steps (every round's steps after the first
+    `--timing-skip`)."""
+    if not os.path.exists(timing_path(args)):
+        return {}
+    with open(timing_path(args), encoding="utf-8") as fh:
+        data = json.load(fh)
+    skip = data["skipped_steps"]
+    return {
+        name: statistics.median(t for r in rounds for t in r["seconds"][skip:])
+        for name, rounds in data["methods"].items()
+    }
+
+
+def time_methods(names: list[str], rates: dict[str, float], args: argparse.Namespace) -> None:
+    """The training step time of `names` measured apart from the sweep: `--timing-rounds` rounds, each
+    running every method once for `--timing-steps` steps in a fresh process, so a drift of the machine
+    hits every method alike. Meant for an otherwise idle machine (the runs' own times are not: the
+    sweep shares it with other work); each measurement records the load average before it."""
+    data: dict[str, Any] = {
+        "commit": git_commit(),
+        "steps": args.timing_steps,
+        "skipped_steps": args.timing_skip,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "methods": {name: [] for name in names},
+    }
+    for round_ in range(args.timing_rounds):
+        for name in names:
+            print(f"\n=== timing {name}, round {round_ + 1}/{args.timing_rounds} ===", flush=True)
+            load = os.getloadavg()[0]
+            if args.in_process:
+                seconds = time_steps(name, rates[name], protocol(args), args.timing_steps)
+            else:
+                seconds = run_worker(name, rates[name], 0, args, "time")["step_seconds"]
+            data["methods"][name].append({"seconds": seconds, "load_before": load})
+    os.makedirs(args.results_dir, exist_ok=True)
+    write_text(timing_path(args), json.dumps(data, indent=1))
 
 
 def scaling_names(args: argparse.Namespace) -> list[str]:
@@ -592,6 +678,7 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
     if len({sha for _, sha in seen}) > 1:
         raise SystemExit(f"the runs did not all see the same data: {sorted(seen, key=str)}")
     rates = chosen_rates(args, state)
+    timed = load_timing(args)
     table: dict[str, Any] = {}
     pending: dict[str, Any] = {}
     for name, lr in rates.items():
@@ -619,7 +706,8 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
                 t: sum(r["test"][t].count("1") / len(r["test"][t]) for r in rs) / len(rs) for t in tasks
             },
             "trainable_parameters": rs[0]["trainable_parameters"],
-            "step_seconds": sorted(r["step_seconds"] for r in rs)[len(rs) // 2],
+            "step_seconds": timed.get(name, sorted(r["step_seconds"] for r in rs)[len(rs) // 2]),
+            "step_seconds_timed": name in timed,
             "routing": rs[0].get("routing"),
         }
     baselines = [m for m in table if table[m]["baseline"]]
@@ -636,7 +724,9 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
             "seeds": common,
             "difference": point,
             "ci95": [low, high],
+            # from the timing phase when both were timed there, else from the runs' own times
             "step_time_ratio": row["step_seconds"] / table[best]["step_seconds"],
+            "step_time_ratio_timed": row["step_seconds_timed"] and table[best]["step_seconds_timed"],
         }
     scaling = {}
     for name in scaling_names(args):
@@ -694,7 +784,7 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
             f"| {name}: {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {100 * row['val_mean']:.1f} | "
             f"**{100 * row['test_mean']:.1f}** ({per_seed}) | {delta} | "
             f"{row['trainable_parameters'] / 1e6:.2f} M | "
-            f"{row['step_seconds']:.2f} | {eff} |"
+            f"{row['step_seconds']:.2f}{'' if row['step_seconds_timed'] else '*'} | {eff} |"
         )
     lines += ["", "Per task (test accuracy in %, mean over seeds):", ""]
     lines.append("| method | " + " | ".join(tasks) + " |")
@@ -723,7 +813,9 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
     lines += [
         "",
         "eff. experts: effective experts per token / of the load on the test items (exp of an entropy, "
-        "mean over layers; E = even, 1 = collapse). s/step: median over seeds, on a shared 2-core machine.",
+        "mean over layers; E = even, 1 = collapse). s/step: median step of the timing phase (interleaved "
+        "rounds, fresh processes); * the median over seeds of the runs' own, on a machine shared with "
+        "other work.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -797,7 +889,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="moetune's MoE-LoRA configurations against tuned LoRA, rsLoRA and DoRA on 11 tasks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--phase", default="all", choices=("grid", "seeds", "scaling", "report", "all"))
+    parser.add_argument(
+        "--phase", default="all", choices=("grid", "seeds", "scaling", "timing", "report", "all")
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset, in run order")
     parser.add_argument(
         "--results-dir", default=os.path.join(HERE, "results", "multitask"), help="tables and JSON"
@@ -824,10 +918,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="the learning-rate grid")
     parser.add_argument("--seeds", default="0,1,2", help="seed 0 for the grid, the others at the chosen rate")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="timing phase: rounds over the methods")
+    parser.add_argument(
+        "--timing-steps", type=int, default=10, help="timing phase: steps per method and round"
+    )
+    parser.add_argument(
+        "--timing-skip", type=int, default=2, help="timing phase: first steps of each round not counted"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-mode", choices=("train", "test"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", choices=("train", "test", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
@@ -847,6 +948,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_per_task, args.val_per_task, args.test_per_task = 16, 6, 8
         args.max_steps, args.warmup_steps, args.max_length = 2, 0, 64
         args.scaling_ranks, args.scaling_experts = (4, 8), (2, 4)
+        args.timing_rounds, args.timing_steps, args.timing_skip = 1, 3, 1
     args.runs_dir = args.runs_dir or os.path.join(args.results_dir, "runs")
     args.adapters_dir = args.adapters_dir or os.path.join(args.results_dir, "adapters")
     return args
@@ -859,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter = adapter_path(args, args.worker, args.worker_lr, args.worker_seed)
         if args.worker_mode == "train":
             result = run_one(args.worker, args.worker_lr, args.worker_seed, proto, adapter)
+        elif args.worker_mode == "time":
+            result = {"step_seconds": time_steps(args.worker, args.worker_lr, proto, args.timing_steps)}
         else:
             result = score_test(args.worker, args.worker_lr, args.worker_seed, proto, adapter)
         with open(args.result_file, "w", encoding="utf-8") as fh:

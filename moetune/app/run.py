@@ -18,12 +18,17 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from moetune.app.data import (
     DataError,
@@ -387,9 +392,11 @@ def fit(
     log: Callable[[str], None] = print,
     resume: bool = False,
     validation: dict[str, list[Example]] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[MoETrainer, float]:
-    """Train `moe` on `mixture` with MoETrainer (checkpoints under `output_dir/checkpoints/`); returns
-    the trainer and the training seconds. Ctrl-C saves a checkpoint and raises `TrainingInterrupted`."""
+    """Train `moe` on `mixture` with MoETrainer (checkpoints under `output_dir/checkpoints/`), with
+    `callbacks` added to the trainer's; returns the trainer and the training seconds. Ctrl-C saves a
+    checkpoint and raises `TrainingInterrupted`."""
     if cfg.routes_by_task:
         for task in {ex.task for ex in mixture}:
             known_task(moe, task)
@@ -415,6 +422,8 @@ def fit(
     start = time.time()
     counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(e.task for e in mixture).items()))
     log(f"training on {len(mixture)} examples ({counts})")
+    for callback in callbacks:
+        trainer.add_callback(callback)
     stopper = SaveOnInterrupt()
     trainer.add_callback(stopper)
     with stopper.installed():

@@ -72,6 +72,20 @@ def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
             assert 0.0 < row["routing"]["effective_experts"] <= 2.0 + 1e-9
     for name in methods:
         assert f"| {name}: " in table and f"| {name} | " in table  # summary row and per-task row
+    # the timing phase: every reported method, a round of 3 steps each, the first not counted
+    with open(os.path.join(out, "timing.json"), encoding="utf-8") as fh:
+        timing = json.load(fh)
+    assert set(timing["methods"]) == set(methods) and timing["skipped_steps"] == 1
+    for name, rounds in timing["methods"].items():
+        assert len(rounds) == 1 and len(rounds[0]["seconds"]) == 3 and min(rounds[0]["seconds"]) > 0
+        row = summary["methods"][name]
+        kept = rounds[0]["seconds"][1:]
+        assert row["step_seconds_timed"] and min(kept) <= row["step_seconds"] <= max(kept)
+        assert row["baseline"] or row["vs_best_baseline"]["step_time_ratio_timed"]
+    rows = [
+        line.split("|") for line in table.splitlines() if line.startswith(tuple(f"| {m}: " for m in methods))
+    ]
+    assert len(rows) == len(methods) and all(not cells[-3].strip().endswith("*") for cells in rows)
     assert set(summary["scaling"]) == {"scale-lora-r4", "scale-lora-r8", "scale-moe-e2", "scale-moe-e4"}
     assert os.path.getsize(os.path.join(out, "scaling.png")) > 1000
     runs_on_disk = [f for _, _, files in os.walk(os.path.join(out, "runs")) for f in files]
