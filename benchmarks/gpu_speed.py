@@ -13,6 +13,7 @@ decoder layers of Llama-3-8B and Llama-3.2-1B, each at its own batch (`SHAPES`; 
 
     python benchmarks/gpu_speed.py                                   # small + ffn-heavy, 3 configs
     python benchmarks/gpu_speed.py --models llama3-8b-4l,llama3.2-1b-4l --launches --generate 1,16
+    python benchmarks/gpu_speed.py --models llama3.2-1b-4l --configs peft-lora-r16,moetune-ffn-e8,mixlora-e8
     python benchmarks/gpu_speed.py --device cpu --models small --batch 1 --seq 16 --repeats 1  # smoke test
 """
 
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outputs import write_text  # noqa: E402
-from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS, moe_config  # noqa: E402
+from speed import ATTN, BASELINE, CONFIGS, MLP, MODELS, _build_mixlora, moe_config  # noqa: E402
 
 DEFAULT_CONFIGS = "peft-lora-r16,moetune-ffn-e8,moetune-ffn-e64"
 # the model shapes people fine-tune: four decoder layers of each (random weights, vocabulary 32000)
@@ -54,6 +55,7 @@ GPU_MODELS = MODELS | {
     ),
 }
 SHAPES = {"llama3-8b-4l": (4, 2048), "llama3.2-1b-4l": (8, 2048)}  # (batch, seq); others 8 x 1024
+MIXLORA_DROPOUT = 0.05  # the mixlora package asserts lora_dropout > 0; the others run without dropout
 # speed.py's configurations and, on the GPU, each ffn dispatch forced at E=8 and E=64 (MoEFFN.slot_path)
 GPU_CONFIGS = CONFIGS | {
     f"moetune-{d}-e{e}": ("moetune", dict(expert_type="ffn", num_experts=e, dispatch=d))
@@ -62,9 +64,25 @@ GPU_CONFIGS = CONFIGS | {
 }
 
 
+class Built:
+    """A model under test, its trainable parameters, and the modules `.train()` must reach besides it."""
+
+    def __init__(
+        self, model: torch.nn.Module, params: list | None = None, hidden: list | None = None
+    ) -> None:
+        self.model = model
+        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.hidden = hidden or []
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+        for m in self.hidden:
+            m.train(mode)
+
+
 def build(
     model_name: str, config_name: str, dtype: torch.dtype, adapter_dtype: str = "auto", device: str = "cuda"
-) -> torch.nn.Module:
+) -> Built:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -76,15 +94,16 @@ def build(
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=opts["r"], lora_alpha=2 * opts["r"], lora_dropout=0.0, target_modules=ATTN + MLP)
-        return get_peft_model(base, lcfg).to(device)
-    if kind != "moetune":
-        raise ValueError(f"{config_name}: only peft and moetune configurations run on the GPU")
+        return Built(get_peft_model(base, lcfg).to(device))
+    if kind == "mixlora":  # float32 experts over the base, as speed.py; mixlora needs lora_dropout > 0
+        model, params, experts = _build_mixlora(base.to(device), opts["num_experts"], MIXLORA_DROPOUT)
+        return Built(model, params, experts)  # its experts live in dicts: .train() misses them
     import moetune
 
     model = moetune.get_moe_model(base, moe_config(opts, 0.0, adapter_dtype=adapter_dtype)).to(device)
     model._ctx.options.dispatch = opts.get("dispatch", "auto")
     model._ctx.options.reference = bool(opts.get("reference"))
-    return model
+    return Built(model)
 
 
 class Clock:
@@ -134,8 +153,8 @@ def kernel_launches(step: Callable[[], None], device: str) -> int:
 def time_config(model_name: str, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype, device, clock = getattr(torch, args.dtype), args.device, Clock(args.device)
     batch, seq = shape_of(model_name, args)
-    model = build(model_name, config_name, dtype, args.adapter_dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    built = build(model_name, config_name, dtype, args.adapter_dtype, device)
+    model, params = built.model, built.params
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(2)
     vocab = GPU_MODELS[model_name]["vocab_size"]
@@ -155,7 +174,7 @@ def time_config(model_name: str, config_name: str, args: argparse.Namespace) -> 
 
     result: dict[str, Any] = {"trainable": sum(p.numel() for p in params), "batch": batch, "seq": seq}
     for phase, step in (("train", train), ("infer", infer)):
-        model.train(phase == "train")
+        built.train(phase == "train")
         for _ in range(args.warmup):
             step()
         clock.sync()
@@ -169,8 +188,8 @@ def time_config(model_name: str, config_name: str, args: argparse.Namespace) -> 
             )
             if args.launches:
                 result["launches"] = kernel_launches(step, device)
-    model.eval()
-    for gen_batch in args.generate:
+    built.train(False)
+    for gen_batch in args.generate if GPU_CONFIGS[config_name][0] != "mixlora" else ():
         prompt = torch.randint(0, vocab, (gen_batch, args.prompt), generator=g).to(device)
 
         def generate(prompt: torch.Tensor = prompt) -> None:
@@ -244,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 write_text(
                     args.out, json.dumps({"device": device, "args": vars(args), "results": results}, indent=1)
                 )
+        if "moetune-ffn-e8" in rows and "mixlora-e8" in rows:
+            ours, theirs = rows["moetune-ffn-e8"]["train"], rows["mixlora-e8"]["train"]
+            print(
+                f"\n{model_name}: moetune E=8 training step / the mixlora package's E=8: {ours / theirs:.2f}"
+            )
     return results
 
 
@@ -262,7 +286,7 @@ def row(name: str, r: dict[str, Any], base: dict[str, Any] | None, args: argpars
         cells += [str(r["launches"]), ratio("launches")]
     for b in args.generate:
         key = f"generate_b{b}_tok_s"
-        cells += [f"{r[key]:.0f}", ratio(key)]
+        cells += [f"{r[key]:.0f}", ratio(key)] if key in r else ["-", "-"]  # mixlora: not timed
     return f"| {name} | {' | '.join(cells)} |"
 
 

@@ -239,10 +239,12 @@ def _build_mixlora(base, num_experts: int, dropout: float):
     weights: dict[str, torch.Tensor] = {}
     gates = []
 
+    device = next(base.parameters()).device  # the adapter's tensors where the base is (a GPU)
+
     def lora(prefix: str, d_in: int, d_out: int) -> None:
         bound = 1.0 / math.sqrt(d_in)
-        weights[f"{prefix}.lora_A.weight"] = torch.empty(r, d_in).uniform_(-bound, bound)
-        weights[f"{prefix}.lora_B.weight"] = torch.zeros(d_out, r)
+        weights[f"{prefix}.lora_A.weight"] = torch.empty(r, d_in).uniform_(-bound, bound).to(device)
+        weights[f"{prefix}.lora_B.weight"] = torch.zeros(d_out, r, device=device)
 
     for i, layer in enumerate(base.model.layers):
         for p in ATTN:
@@ -252,7 +254,7 @@ def _build_mixlora(base, num_experts: int, dropout: float):
             lin = getattr(layer.mlp, p)
             for e in range(num_experts):
                 lora(f"mixlora.layers.{i}.mlp.{p}.experts.{e}", lin.in_features, lin.out_features)
-        gate = (torch.randn(num_experts, base.config.hidden_size) * 0.02).requires_grad_(True)
+        gate = (torch.randn(num_experts, base.config.hidden_size) * 0.02).to(device).requires_grad_(True)
         weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = gate
         gates.append(gate)
     inject_adapter_in_model(base, cfg, weights)

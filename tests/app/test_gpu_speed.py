@@ -26,6 +26,19 @@ def test_the_table_runs_on_the_cpu(tmp_path, capsys):
     assert "| moetune-ffn-e8 |" in table and "gen b=2 tok/s" in table
 
 
+def test_the_mixlora_package_row(capsys):
+    """The mixlora package trains and infers in the table (no generation: its row shows '-'), and the
+    ratio of moetune's E=8 training step to its own is printed."""
+    argv = ["--device", "cpu", "--models", "small", "--batch", "1", "--seq", "8", "--warmup", "0"]
+    argv += ["--repeats", "1", "--generate", "2", "--new-tokens", "2", "--prompt", "4"]
+    results = gpu_speed.main([*argv, "--configs", "peft-lora-r16,moetune-ffn-e8,mixlora-e8"])
+    mixlora = results["small"]["mixlora-e8"]
+    assert mixlora["train"] > 0 and mixlora["infer"] > 0 and "generate_b2_tok_s" not in mixlora
+    assert mixlora["trainable"] > results["small"]["peft-lora-r16"]["trainable"]
+    out = capsys.readouterr().out
+    assert "| mixlora-e8 |" in out and "training step / the mixlora package's E=8:" in out
+
+
 def test_the_fine_tuning_shapes_and_their_batches():
     assert gpu_speed.GPU_MODELS["llama3-8b-4l"]["intermediate_size"] == 14336
     assert gpu_speed.GPU_MODELS["llama3.2-1b-4l"]["hidden_size"] == 2048
