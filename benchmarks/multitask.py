@@ -570,6 +570,8 @@ def sweep(args: argparse.Namespace, state: dict[str, Any]) -> None:
             if anchor in rates:
                 ensure_run(name, rates[anchor], 0, args, state, test=True)
     names = seed_candidates(args, rates, state) if rates else []
+    if args.timing_methods:
+        names = [m for m in args.timing_methods if m in rates]
     timed = load_timing(args)
     if args.phase == "timing" or (args.phase == "all" and not state["stopped"] and set(names) - set(timed)):
         time_methods(names, rates, args)
@@ -925,6 +927,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timing-skip", type=int, default=2, help="timing phase: first steps of each round not counted"
     )
+    parser.add_argument(
+        "--timing-methods",
+        default="",
+        help="timing phase: these methods (with a finished grid) instead of the baselines and the three "
+        "best candidates",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
@@ -938,6 +946,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--methods: unknown {unknown}; allowed {list(METHODS)}")
     args.lrs = tuple(float(x) for x in args.lrs.split(","))
     args.seeds = tuple(int(x) for x in args.seeds.split(","))
+    args.timing_methods = [m.strip() for m in args.timing_methods.split(",") if m.strip()]
     args.tasks = multitask_data.TASKS
     args.scaling_ranks, args.scaling_experts = SCALING_LORA_RANKS, SCALING_EXPERTS
     if args.quick:

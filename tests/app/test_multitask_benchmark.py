@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import pytest
 
@@ -140,6 +141,25 @@ def _fake_run(name: str, lr: float, val: float, test: float, seed: int = 0) -> d
 
 def _state(runs: list[dict]) -> dict:
     return {"runs": {(r["method"], r["lr"], r["seed"]): r for r in runs}, "new": 0, "stopped": False}
+
+
+def test_timing_some_methods_again(quick_results, tmp_path) -> None:
+    """--phase timing --timing-methods: only those are timed (the file is replaced, nothing trains);
+    the others' step times then come from their runs, marked * in the table."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(quick_results[0], out)
+    argv = ["--quick", "--results-dir", out, "--phase", "timing", "--timing-methods", "moe-default"]
+    assert multitask.main([*argv, "--max-runs", "0"]) == 0
+    with open(os.path.join(out, "timing.json"), encoding="utf-8") as fh:
+        assert list(json.load(fh)["methods"]) == ["moe-default"]
+    with open(os.path.join(out, "multitask.json"), encoding="utf-8") as fh:
+        rows = json.load(fh)["summary"]["methods"]
+    assert rows["moe-default"]["step_seconds_timed"] and not rows["lora-r16"]["step_seconds_timed"]
+    assert not rows["moe-default"]["vs_best_baseline"]["step_time_ratio_timed"]  # its baseline: from runs
+    with open(os.path.join(out, "multitask.md"), encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    cell = {line.split(":")[0][2:]: line.split("|")[-3].strip() for line in lines if line.startswith("| ")}
+    assert cell["lora-r16"].endswith("*") and not cell["moe-default"].endswith("*")
 
 
 def test_the_rate_is_chosen_on_validation_never_on_test() -> None:
