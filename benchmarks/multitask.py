@@ -371,11 +371,11 @@ def score(model, tokenizer, splits, method: Method, split: str) -> dict[str, Any
     """Per task, each item's correctness as a string of 0/1 (`{split: {task: "0110..."}}`), and for a
     MoE model its routing health over the split's items (`routing`, `routing_split`)."""
     from moetune.app.evaluation import score_items
-    from moetune.core.stats import merge
+    from moetune.core.stats import merge, task_information
     from moetune.model import MoEModel
 
     result: dict[str, Any] = {split: {}}
-    routing = []
+    routing = {}
     for task, items in getattr(splits, split).items():
         routed = model.use_tasks([task]) if method.route_by_task else contextlib.nullcontext()
         if isinstance(model, MoEModel):
@@ -383,16 +383,18 @@ def score(model, tokenizer, splits, method: Method, split: str) -> dict[str, Any
         with routed, torch.autocast(model.device.type, dtype=torch.bfloat16):
             correct = score_items(model, tokenizer, items, batch_size=16, exact_match="teacher_forced")
         if isinstance(model, MoEModel):
-            routing.append(model.routing_stats())
+            routing[task] = model.routing_stats()
         result[split][task] = "".join("1" if c else "0" for c in correct)
     if routing:
-        layers = merge(routing)
+        layers = merge(list(routing.values()))
         n = len(layers)
         result["routing"] = {
             key: sum(s[key] for s in layers.values()) / n
             for key in ("effective_experts", "effective_load", "load_cv")
         }
         result["routing"]["dead_experts"] = sum(len(s["dead_experts"]) for s in layers.values())
+        # how much a slot's expert tells about its task (bits, mean over layers): 0 = tasks share alike
+        result["routing"]["task_information"] = sum(task_information(routing).values()) / n
         result["routing_split"] = split
     return result
 
@@ -782,6 +784,8 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
         )
         routing = row.get("routing")
         eff = f"{routing['effective_experts']:.2f} / {routing['effective_load']:.2f}" if routing else ""
+        if routing and "task_information" in routing:
+            eff += f" / {routing['task_information']:.2f} bits"
         lines.append(
             f"| {name}: {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {100 * row['val_mean']:.1f} | "
             f"**{100 * row['test_mean']:.1f}** ({per_seed}) | {delta} | "
@@ -815,9 +819,10 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
     lines += [
         "",
         "eff. experts: effective experts per token / of the load on the test items (exp of an entropy, "
-        "mean over layers; E = even, 1 = collapse). s/step: median step of the timing phase (interleaved "
-        "rounds, fresh processes); * the median over seeds of the runs' own, on a machine shared with "
-        "other work.",
+        "mean over layers; E = even, 1 = collapse) / the mutual information of a slot's task and expert "
+        "(bits, mean over layers; 0 = every task spreads over the experts alike). s/step: median step "
+        "of the timing phase (interleaved rounds, fresh processes); * the median over seeds of the runs' "
+        "own, on a machine shared with other work.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -154,6 +154,26 @@ def merge(groups: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def task_information(groups: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+    """Per layer, the mutual information in bits between a routed slot's task and its expert,
+    I(T; E) = sum_te p(t, e) log2 p(t, e) / (p(t) p(e)), from each task's statistics (task name ->
+    `MoEModel.routing_stats()` over that task's tokens alone). 0: every task spreads over the experts
+    alike; log2(tasks) or log2(E), whichever is smaller: each task has experts of its own."""
+    tasks = list(groups)
+    out = {}
+    for layer in groups[tasks[0]]:
+        counts_TE = torch.tensor([groups[t][layer]["tokens_per_expert"] for t in tasks], dtype=torch.float64)
+        total = counts_TE.sum()
+        if total == 0:
+            out[layer] = float("nan")
+            continue
+        p_TE = counts_TE / total
+        independent_TE = p_TE.sum(1, keepdim=True) * p_TE.sum(0, keepdim=True)
+        seen = p_TE > 0
+        out[layer] = float((p_TE[seen] * torch.log2(p_TE[seen] / independent_TE[seen])).sum())
+    return out
+
+
 def min_share_times_experts(layers: dict[str, dict[str, Any]]) -> float:
     """The smallest share of routed slots any expert of any layer gets, times E (1.0 = perfectly even)."""
     worst = float("inf")

@@ -71,6 +71,7 @@ def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
             vs = row["vs_best_baseline"]
             assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]
             assert 0.0 < row["routing"]["effective_experts"] <= 2.0 + 1e-9
+            assert 0.0 <= row["routing"]["task_information"] <= 1.0 + 1e-9  # two tasks: at most 1 bit
     for name in methods:
         assert f"| {name}: " in table and f"| {name} | " in table  # summary row and per-task row
     # the timing phase: every reported method, a round of 3 steps each, the first not counted
