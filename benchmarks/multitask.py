@@ -347,6 +347,18 @@ def time_steps(name: str, lr: float, proto: dict[str, Any], steps: int) -> list[
     return timer.seconds
 
 
+def untrained_routing(proto: dict[str, Any]) -> dict[str, Any]:
+    """moe-default's routing health on the validation split before any training (seed 0): the
+    reference for the trained runs' (at initialisation the experts add nothing, so every router sees
+    the base model's hidden states through its random weights)."""
+    from moetune.model import get_moe_model
+
+    model, tokenizer, splits = load_model_and_splits(proto)
+    torch.manual_seed(0)
+    model = get_moe_model(model, moe_config(get_method("moe-default"), model.config, list(splits.train)))
+    return score(model, tokenizer, splits, get_method("moe-default"), "val")["routing"]
+
+
 def score_test(name: str, lr: float, seed: int, proto: dict[str, Any], adapter_dir: str) -> dict[str, Any]:
     """The test split scored with the adapter `run_one` saved (the weights it trained, bit for bit)."""
     from moetune.model import MoEModel
@@ -561,6 +573,15 @@ def sweep(args: argparse.Namespace, state: dict[str, Any]) -> None:
             choose_lr(name, args, state)
     rates = chosen_rates(args, state)
     if args.phase in ("seeds", "all"):
+        if not os.path.exists(untrained_path(args)) and not _out_of_budget(args, state):
+            print("\n=== moe-default untrained: routing on the validation split ===", flush=True)
+            if args.in_process:
+                routing = untrained_routing(protocol(args))
+            else:
+                routing = run_worker("moe-default", 0, 0, args, "untrained")
+            os.makedirs(args.results_dir, exist_ok=True)
+            write_text(untrained_path(args), json.dumps(routing | {"commit": git_commit()}, indent=1))
+            state["new"] += 1
         for name in rates:  # the test split of every method at its chosen rate
             ensure_run(name, rates[name], 0, args, state, test=True)
         for name in seed_candidates(args, rates, state):
@@ -577,6 +598,10 @@ def sweep(args: argparse.Namespace, state: dict[str, Any]) -> None:
     timed = load_timing(args)
     if args.phase == "timing" or (args.phase == "all" and not state["stopped"] and set(names) - set(timed)):
         time_methods(names, rates, args)
+
+
+def untrained_path(args: argparse.Namespace) -> str:
+    return os.path.join(args.results_dir, "untrained_routing.json")
 
 
 def timing_path(args: argparse.Namespace) -> str:
@@ -743,7 +768,17 @@ def summarise(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]
                 "val_mean": mean_accuracy(run["val"]),
                 "step_seconds": run["step_seconds"],
             }
-    return {"best_baseline": best, "methods": table, "pending": pending, "scaling": scaling}
+    untrained = None
+    if os.path.exists(untrained_path(args)):
+        with open(untrained_path(args), encoding="utf-8") as fh:
+            untrained = json.load(fh)
+    return {
+        "best_baseline": best,
+        "methods": table,
+        "pending": pending,
+        "scaling": scaling,
+        "untrained_routing": untrained,
+    }
 
 
 def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> str:
@@ -816,6 +851,14 @@ def markdown(summary: dict[str, Any], proto: dict[str, Any], proto_id: str) -> s
                 f"{100 * s['val_mean']:.1f} | {s['step_seconds']:.2f} |"
             )
     lines += pending_lines
+    untrained = summary.get("untrained_routing")
+    if untrained:
+        lines += [
+            "",
+            "moe-default before training (its routers at initialisation, validation split): "
+            f"{untrained['effective_experts']:.2f} / {untrained['effective_load']:.2f} / "
+            f"{untrained['task_information']:.2f} bits.",
+        ]
     lines += [
         "",
         "eff. experts: effective experts per token / of the load on the test items (exp of an entropy, "
@@ -941,7 +984,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-mode", choices=("train", "test", "time"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker-mode", choices=("train", "test", "time", "untrained"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
@@ -975,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter = adapter_path(args, args.worker, args.worker_lr, args.worker_seed)
         if args.worker_mode == "train":
             result = run_one(args.worker, args.worker_lr, args.worker_seed, proto, adapter)
+        elif args.worker_mode == "untrained":
+            result = untrained_routing(proto)
         elif args.worker_mode == "time":
             result = {"step_seconds": time_steps(args.worker, args.worker_lr, proto, args.timing_steps)}
         else:

@@ -74,6 +74,10 @@ def test_quick_run_writes_every_run_and_a_summary(quick_results) -> None:
             assert 0.0 <= row["routing"]["task_information"] <= 1.0 + 1e-9  # two tasks: at most 1 bit
     for name in methods:
         assert f"| {name}: " in table and f"| {name} | " in table  # summary row and per-task row
+    # the untrained reference: moe-default's routing before training
+    untrained = summary["untrained_routing"]
+    assert 0.0 < untrained["effective_experts"] <= 2.0 + 1e-9 and 0.0 <= untrained["task_information"] <= 1.0
+    assert "moe-default before training" in table
     # the timing phase: every reported method, a round of 3 steps each, the first not counted
     with open(os.path.join(out, "timing.json"), encoding="utf-8") as fh:
         timing = json.load(fh)
