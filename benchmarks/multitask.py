@@ -556,6 +556,8 @@ def chosen_rates(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, f
             continue
         lrs = sorted(grid)
         best = max(lrs, key=lambda lr: (mean_accuracy(grid[lr]["val"]), -lr))
+        if best in (lrs[0], lrs[-1]) and len(lrs) - len(args.lrs) < 2:
+            continue  # as `choose_lr`: the grid extends beyond that edge first
         rates[name] = best
     return rates
 

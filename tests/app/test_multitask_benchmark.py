@@ -185,6 +185,7 @@ def test_a_best_rate_at_the_edge_extends_the_grid() -> None:
     state = _state(runs)
     assert multitask.choose_lr("lora-r16", args, state) is None  # 4e-3 is needed and --max-runs 0 stops
     assert state["stopped"]
+    assert multitask.chosen_rates(args, state) == {}  # no rate while the grid is to extend
     state = _state([*runs, _fake_run("lora-r16", 4e-3, val=0.65, test=0.5)])
     assert multitask.choose_lr("lora-r16", args, state) == 2e-3
     assert multitask.chosen_rates(args, state) == {"lora-r16": 2e-3}
