@@ -530,35 +530,40 @@ def git_commit() -> str:
         return "unknown"
 
 
+def grid_step(val: dict[float, float], base: int) -> tuple[float, float | None]:
+    """(best rate, rate to add next) of a grid, `val`: rate -> validation mean, `base` the rates of
+    `--lrs`. Where the best rate (ties: the smaller) sits at an edge the grid extends one factor of 2
+    beyond it, twice at most; the next rate is None once the grid is final."""
+    lrs = sorted(val)
+    best = max(lrs, key=lambda lr: (val[lr], -lr))
+    if len(lrs) - base < 2 and best in (lrs[0], lrs[-1]):
+        return best, best / 2 if best == lrs[0] else best * 2
+    return best, None
+
+
 def choose_lr(name: str, args: argparse.Namespace, state: dict[str, Any]) -> float | None:
     """The grid phase for one method: its best validation rate (None while runs are missing)."""
-    lrs = sorted(args.lrs)
-    for _ in range(3):  # the grid, then at most two extensions beyond an edge
-        results = {lr: ensure_run(name, lr, 0, args, state) for lr in lrs}
+    lrs = list(args.lrs)
+    while True:
+        results = {lr: ensure_run(name, lr, 0, args, state) for lr in sorted(lrs)}
         if any(r is None for r in results.values()):
             return None
-        best = max(lrs, key=lambda lr: (mean_accuracy(results[lr]["val"]), -lr))
-        if best == lrs[0] and len(lrs) - len(args.lrs) < 2:
-            lrs.insert(0, best / 2)
-        elif best == lrs[-1] and len(lrs) - len(args.lrs) < 2:
-            lrs.append(best * 2)
-        else:
+        best, extra = grid_step({lr: mean_accuracy(r["val"]) for lr, r in results.items()}, len(args.lrs))
+        if extra is None:
             return best
-    return best
+        lrs.append(extra)
 
 
 def chosen_rates(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, float]:
-    """Per method with a finished grid: its chosen rate, computed from the runs on disk only."""
+    """Per method with a final grid: its chosen rate, computed from the runs on disk only."""
     rates = {}
     for name in args.methods:
         grid = {lr: r for (m, lr, s), r in state["runs"].items() if m == name and s == 0}
         if not all(lr in grid for lr in args.lrs):
             continue
-        lrs = sorted(grid)
-        best = max(lrs, key=lambda lr: (mean_accuracy(grid[lr]["val"]), -lr))
-        if best in (lrs[0], lrs[-1]) and len(lrs) - len(args.lrs) < 2:
-            continue  # as `choose_lr`: the grid extends beyond that edge first
-        rates[name] = best
+        best, extra = grid_step({lr: mean_accuracy(r["val"]) for lr, r in grid.items()}, len(args.lrs))
+        if extra is None:  # else the grid extends beyond an edge first
+            rates[name] = best
     return rates
 
 
