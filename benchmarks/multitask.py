@@ -103,6 +103,11 @@ METHODS: dict[str, Method] = {
     "moe-task": Method(
         "token+task routing", moe=dict(task_routing="token+task", extra_tasks="tasks"), route_by_task=True
     ),
+    "moe-task-only": Method(
+        "task routing (MOELoRA): one learned mixture per task, whatever the token",
+        moe=dict(task_routing="task", extra_tasks="tasks"),
+        route_by_task=True,
+    ),
     "moe-bias": Method(
         "aux-loss-free bias balancing instead of the aux loss",
         moe=dict(aux_loss_coef=0.0, bias_update_rate=0.002),

@@ -10,6 +10,7 @@ import random
 import shutil
 
 import pytest
+import torch
 
 from tests.helpers import benchmark
 
@@ -216,3 +217,28 @@ def test_held_aside_tasks_are_not_in_the_benchmark() -> None:
     datasets = {spec.dataset for spec in multitask_data.GYM_TASKS.values()}
     assert not datasets & set(multitask_data.HELD_ASIDE)
     assert len(multitask_data.TASKS) >= 10
+
+
+def test_every_method_builds_on_a_tiny_model() -> None:
+    """Every configuration of the comparison builds its adapter (a typo in a method fails here, not
+    after hours of sweep); task-routed ones route each task's samples to that task's mixture."""
+    from peft import LoraConfig, get_peft_model
+
+    from moetune.model import get_moe_model
+
+    tasks = ["a", "b", "c"]
+    for name, method in multitask.METHODS.items():
+        model, _ = multitask_data.tiny_llama_and_tokenizer()
+        if method.baseline:
+            model = get_peft_model(model, LoraConfig(**multitask.lora_fields(method, matched_rank=8)))
+        else:
+            model = get_moe_model(model, multitask.moe_config(method, model.config, tasks))
+            assert (model.moe_config.task_routing != "none") == method.route_by_task, name
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable > 0, name
+        ids = torch.randint(0, 100, (2, 5))
+        kwargs = {"task_ids": ["a", "c"]} if method.route_by_task else {}
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        assert torch.isfinite(loss), name
+    layers = multitask_data.tiny_llama_and_tokenizer()[0].config.num_hidden_layers
+    assert multitask._mola(8) == [2, 2, 4, 4, 6, 6, 8, 8] and len(multitask._mola(layers)) == layers
