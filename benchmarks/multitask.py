@@ -1051,6 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"protocol {state['protocol_id']}: {len(state['runs'])} runs on disk", flush=True)
     if args.phase != "report":
         sweep(args, state)
+    # the report covers every method with runs on disk, whatever this call's --methods
+    on_disk = {name for name, _, _ in state["runs"]}
+    args.methods = [name for name in METHODS if name in args.methods or name in on_disk]
     text = report(args, state)
     print("\n" + text, flush=True)
     if state["stopped"]:

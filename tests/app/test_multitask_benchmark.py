@@ -242,3 +242,13 @@ def test_every_method_builds_on_a_tiny_model() -> None:
         assert torch.isfinite(loss), name
     layers = multitask_data.tiny_llama_and_tokenizer()[0].config.num_hidden_layers
     assert multitask._mola(8) == [2, 2, 4, 4, 6, 6, 8, 8] and len(multitask._mola(layers)) == layers
+
+
+def test_a_subset_of_methods_still_reports_every_method_on_disk(quick_results, tmp_path) -> None:
+    out = str(tmp_path / "copy")
+    shutil.copytree(quick_results[0], out)
+    assert multitask.main(["--quick", "--results-dir", out, "--phase", "grid", "--methods", "lora-r16"]) == 0
+    with open(os.path.join(out, "multitask.json"), encoding="utf-8") as fh:
+        data = json.load(fh)
+    assert list(data["methods"]) == list(multitask.QUICK_METHODS)
+    assert data["summary"] == quick_results[1]["summary"]
