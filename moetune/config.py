@@ -45,7 +45,9 @@ class MoEConfig:
         "LoRA-delta experts (LoRAMoE / MoLA); the way for encoders such as BERT.",
     )
     num_experts: int | list[int] = _f(
-        8, "Routed experts per MoE layer: an int, or a list with one entry per transformer layer."
+        8,
+        "Routed experts per MoE layer: an int, or a list with one entry per transformer layer. 1 with "
+        "top_k 1 is one plain LoRA on the same projections (peft's LoRA, exactly): a comparison's baseline.",
     )
     top_k: int = _f(2, "Experts per token for the 'topk' router.")
     router: str = _f(

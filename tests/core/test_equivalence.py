@@ -733,3 +733,47 @@ def test_sorted_path_on_a_bfloat16_base(adapter_dtype: str) -> None:
             model._ctx.options.dispatch = dispatch
             out[dispatch] = model(**batch).logits.float()
     assert max_rel_error({"y": out["sorted"]}, {"y": out["dense"]}) < 1e-2  # measured 5.1e-3
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "linear"])
+def test_one_expert_is_peft_lora(expert_type: str) -> None:
+    """num_experts=1, top_k=1: the router's only choice has weight 1, so the model is peft's LoRA on the
+    same projections with the same A, B and alpha / r (float64, eval mode: no dropout). This is how
+    `moetune train` trains the one-LoRA baseline of a comparison."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    cfg = moetune.MoEConfig(
+        num_experts=1, top_k=1, r=4, lora_alpha=8, expert_type=expert_type, lora_dropout=0.0
+    )
+    ours = moetune.get_moe_model(tiny_model("llama", dtype=torch.float64), cfg)
+    randomize_(ours)
+    peft_model = get_peft_model(
+        tiny_model("llama", dtype=torch.float64),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets),
+    )
+    banks = {}  # (layer index, projection) -> our LoRAExperts
+    for name, module in ours.named_modules():
+        if isinstance(module, LoRAExperts):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            proj = next(p for p in targets if f".{p}" in name or name.endswith(f"experts.{p}"))
+            banks[(layer, proj)] = module
+    assert len(banks) == 3 * ours.config.num_hidden_layers
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] in targets:
+                bank = banks[(int(name.split(".layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])]
+                ((A, B),) = bank._pairs()
+                module.lora_A["default"].weight.copy_(A[0])  # (r, d_in)
+                module.lora_B["default"].weight.copy_(B[0])  # (d_out, r)
+                assert module.scaling["default"] == bank.scaling == 2.0
+    ours.eval(), peft_model.eval()
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        expected = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (expected - plain).abs().max() > 1e-3  # the adapters change the output
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
