@@ -162,7 +162,7 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
         "weight_decay": 0.0,
         "lr_grid": list(args.lrs),
         "exact_match": "teacher_forced",
-        "batches": "padding-free (padded for task routing)",
+        "batches": "padding-free",
         "logits": "label positions only (padding-free batches)",
         "precision": "bf16 autocast, fp32 weights (training and scoring)",
         # reasoning-gym's isomorphic_strings draws its items by iterating over sets of strings: they
@@ -272,11 +272,8 @@ def train(
     tasks = list(splits.train)
     cfg = RunConfig(
         model=proto["model"],
-        # padding-free batches: the same loss as padded ones without the padding's compute; task routing
-        # needs one task id per example, so its batches are padded
-        data=DataConfig(
-            max_length=proto["max_length"], padding_free=not method.route_by_task, **CURATED_DATA
-        ),
+        # padding-free batches: the same loss as padded ones without the padding's compute
+        data=DataConfig(max_length=proto["max_length"], padding_free=True, **CURATED_DATA),
         training=training_args(proto, lr) | ({"max_steps": max_steps} if max_steps else {}),
         router_lr_multiplier=method.router_lr_multiplier,
         seed=seed,

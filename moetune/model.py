@@ -93,9 +93,17 @@ class MoEModel(nn.Module):
         """The base model's forward with MoE layers. `task_ids`: the task of each sample, a (B,) integer
         tensor of task indices (positions in `tasks`) or a list of B task names; each sample then routes
         among its task's experts alone (`use_tasks` is ignored for that forward), each task's samples
-        routed as a batch of their own (balance losses are averaged over routers and these groups)."""
+        routed as a batch of their own (balance losses are averaged over routers and these groups). In a
+        padding-free batch (one row of examples packed end to end, position ids restarting at 0 for each)
+        `task_ids` gives the task of each packed example."""
         batch = next((v.shape[0] for v in (input_ids, inputs_embeds) if v is not None and v.dim() >= 2), None)
-        sample_tasks = None if task_ids is None else tasks_of.sample_groups(self.moe_config, task_ids, batch)
+        packed = task_ids is not None and tasks_of.packed_examples(position_ids, batch) > 1
+        if task_ids is None:
+            sample_tasks = None
+        elif packed:
+            sample_tasks = tasks_of.packed_groups(self.moe_config, task_ids, position_ids)
+        else:
+            sample_tasks = tasks_of.sample_groups(self.moe_config, task_ids, batch)
         named = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -112,7 +120,7 @@ class MoEModel(nn.Module):
         ctx.records = []
         cfg = self.moe_config
         state.want_expert_outputs = self.training and cfg.contrastive_loss_coef > 0 and state.adapter_enabled
-        state.sample_tasks = sample_tasks
+        state.sample_tasks, state.packed = sample_tasks, packed
         # for checkpointed recomputation: only a forward with autograd can be re-run by a backward, so a
         # forward without (DPO's reference pass under disable_adapter, evaluation) between a forward and
         # its backward leaves the state that backward replays alone
@@ -125,6 +133,7 @@ class MoEModel(nn.Module):
         finally:
             ctx.records = None
             state.token_mask, state.want_expert_outputs, state.sample_tasks = None, False, None
+            state.packed = False
         self._tap = None
         if records:  # (a forward without routers, e.g. under disable_adapter, leaves `nonfinite` as it was)
             self._tap = self._tap_if_detached(records)

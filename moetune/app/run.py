@@ -363,6 +363,7 @@ class PaddingFreeCollator(DataCollatorWithFlattening):
     """transformers' flattening collator, with `use_cache=False` in every batch: a model builds its
     attention mask from packed position ids only when it has no KV cache, and a causal LM makes one by
     default (its config's use_cache), which would let the examples of a row attend to each other.
+    Examples with `task_ids` (task routing) give the batch one task id per packed example.
 
     `label_logits_only`: the batch also names the positions that predict a label (`logits_to_keep`,
     indices into the one row) and their labels (`shift_labels`, the labels shifted left by one, as the
@@ -374,6 +375,8 @@ class PaddingFreeCollator(DataCollatorWithFlattening):
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
+        if features and "task_ids" in features[0]:  # the parent drops keys it does not know
+            batch["task_ids"] = torch.tensor([f["task_ids"] for f in features if len(f["input_ids"])])
         if self.label_logits_only:
             labels_1L = batch["labels"]
             shifted_1L = torch.nn.functional.pad(labels_1L[:, 1:], (0, 1), value=-100)

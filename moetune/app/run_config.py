@@ -251,8 +251,8 @@ class DataConfig:
             "help": "Train on each batch's examples concatenated into one row with position ids that restart "
             "per example, instead of padding them to the longest (TRL's padding_free): the same loss without "
             "the padding's compute. Needs an attention implementation that reads packed position ids (sdpa "
-            "and eager in transformers 5, flash-attention); not with route_by_task (task ids are per "
-            "example)."
+            "and eager in transformers 5, flash-attention). With route_by_task the batch names the task "
+            "of each packed example."
         },
     )
     label_logits_only: bool = field(
@@ -442,14 +442,6 @@ class RunConfig:
         _require(_is_int(self.seed), "seed", self.seed, "must be an int")
         ok = isinstance(self.route_by_task, bool)
         _require(ok, "route_by_task", self.route_by_task, "must be true or false")
-        free = self.data.padding_free and self.routes_by_task
-        _require(
-            not free,
-            "data.padding_free",
-            True,
-            "cannot be combined with route_by_task or moe.task_routing: the task ids are one per example, "
-            "and padding-free batches are one row",
-        )
 
     @property
     def routes_by_task(self) -> bool:

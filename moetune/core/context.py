@@ -52,6 +52,7 @@ class ForwardState:
     tasks: Blocks = None  # `use_tasks`: the task blocks every token may use; None = all
     task: int | None = None  # `use_tasks` with one task: its index (task routing, per-task statistics)
     sample_tasks: list[SampleGroup] | None = None  # `task_ids`: one group per task in the batch
+    packed: bool = False  # sample_tasks' rows are token positions in one packed row (padding-free)
     want_expert_outputs: bool = False  # sample expert outputs for the contrastive loss
     # set on the replayed state when its forward routed without autograd (reentrant checkpointing): the
     # layers attach their recomputed balance losses to their outputs (moetune.core.checkpointing)
@@ -78,6 +79,14 @@ class ForwardState:
             return [(None, self.tasks, self.task)]
         if len(groups) == 1:
             return [(None, groups[0][0], groups[0][1])]
+        if self.packed:
+            tokens = sum(len(rows) for _, _, rows in groups)
+            if lead_shape.numel() != tokens:
+                raise ValueError(
+                    f"task_ids gives a task for the {tokens} tokens of a packed row, but an MoE layer "
+                    f"sees inputs of shape {tuple(lead_shape)}"
+                )
+            return [(rows.to(device), blocks, task) for blocks, task, rows in groups]
         samples = sum(len(rows) for _, _, rows in groups)
         if len(lead_shape) != 2 or lead_shape[0] != samples:
             raise ValueError(

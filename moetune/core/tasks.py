@@ -18,7 +18,8 @@ from torch import Tensor
 from moetune.config import MoEConfig
 
 Blocks = tuple[int, ...] | None  # task blocks whose experts a token may use; None = every expert
-# the tokens of one task in a batch: (its blocks, its task index, the indices of its samples (n,))
+# the tokens of one task in a batch: (its blocks, its task index, the indices of its samples (n,), or of
+# its tokens (n,) in a packed row: `packed_groups`)
 SampleGroup = tuple[Blocks, int, Tensor]
 
 
@@ -80,3 +81,34 @@ def sample_groups(
     for i, task in enumerate(ids):
         samples.setdefault(task, []).append(i)
     return [(blocks_of(config, [task]), task, torch.tensor(rows)) for task, rows in sorted(samples.items())]
+
+
+def packed_examples(position_ids: Tensor | None, batch: int | None) -> int:
+    """How many examples a padding-free batch packs into its one row (position ids restart at 0 for
+    each: transformers' DataCollatorWithFlattening); 0 for any other batch."""
+    if batch != 1 or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return 0
+    return int((position_ids[0] == 0).sum())
+
+
+def packed_groups(
+    config: MoEConfig, task_ids: Tensor | Sequence[Any], position_ids_1L: Tensor
+) -> list[SampleGroup]:
+    """`sample_groups` for a padding-free batch: one row of examples packed end to end, `task_ids` one
+    task per example; each group's rows are the positions (n,) of its examples' tokens in the row."""
+    starts_L = position_ids_1L[0] == 0
+    if not bool(starts_L[0]):
+        raise ValueError("task_ids with a packed row: its position ids must start at 0")
+    examples = int(starts_L.sum())
+    groups = sample_groups(config, task_ids, None)
+    given = sum(rows.numel() for _, _, rows in groups)
+    if given != examples:
+        raise ValueError(
+            f"task_ids: {given} tasks given for a packed row of {examples} examples (position ids "
+            "restarting at 0 mark each example's start)"
+        )
+    example_L = torch.cumsum(starts_L.long(), 0) - 1  # (L,) the example each token belongs to
+    return [
+        (blocks, task, torch.isin(example_L, rows.to(example_L.device)).nonzero().flatten())
+        for blocks, task, rows in groups
+    ]

@@ -182,26 +182,40 @@ def test_teacher_forced_exact_match_is_greedy_decoding(wrap: bool, monkeypatch) 
     assert evaluation.greedy_matches(model, tokenizer, prompts, answers) == expected
 
 
-def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> None:
+@pytest.mark.parametrize("task_routing", ["none", "token+task"])
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path, task_routing: str) -> None:
     """data.padding_free: the Trainer's batch is one row of the examples back to back (position ids
     restarting per example, no attention mask); loss, balance losses and gradients equal those of the
     padded batch of the same examples, with the output head at every position or (label_logits_only)
-    only at the positions that predict a label."""
+    only at the positions that predict a label. With task routing the batch names each packed
+    example's task, and every token routes by its own example's task."""
     from moetune.app.run import trainer_inputs, training_mixture
-    from moetune.app.run_config import ConfigError
     from moetune.model import get_moe_model
 
     tokenizer = tiny_chat_tokenizer()
     tasks = toy_tasks(n_train=4, n_test=2)
+    by_task = task_routing != "none"
+    task_fields = (
+        dict(task="sentiment", extra_tasks=["arithmetic"], task_routing=task_routing) if by_task else {}
+    )
     results = {}
     for padding_free, label_logits_only in ((False, False), (True, False), (True, True)):
         cfg = RunConfig(
-            moe=MoEConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0, importance_loss_coef=0.1),
+            moe=MoEConfig(
+                num_experts=4, top_k=2, r=4, lora_dropout=0.0, importance_loss_coef=0.1, **task_fields
+            ),
             data=DataConfig(max_length=32, padding_free=padding_free, label_logits_only=label_logits_only),
             training=dict(per_device_train_batch_size=8),
         )
-        inputs = trainer_inputs(tokenizer, cfg, training_mixture(cfg, tasks), str(tmp_path))
+        mixture = training_mixture(cfg, tasks)
+        names = cfg.moe.task_names() if by_task else None
+        inputs = trainer_inputs(tokenizer, cfg, mixture, str(tmp_path), task_names=names)
         batch = inputs["data_collator"]([inputs["train_dataset"][i] for i in range(8)])
+        if by_task:
+            expected = [names.index(ex.task) for ex in mixture[:8]]
+            assert batch["task_ids"].tolist() == expected and len(set(expected)) == 2
+        else:
+            assert "task_ids" not in batch
         if padding_free:  # without a KV cache: transformers reads packed position ids only then
             assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
             assert batch["use_cache"] is False
@@ -238,8 +252,9 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path) -> No
         assert grads0.keys() == grads1.keys() and any("lora_B" in n for n in grads0)
         for name in grads0:
             torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
-    with pytest.raises(ConfigError, match="padding_free.*route_by_task"):
-        RunConfig(data=DataConfig(padding_free=True), route_by_task=True)
+    if by_task:  # the task embeddings are trained, and by both tasks
+        embedding_grads = [g for n, g in grads0.items() if "task_embed" in n]
+        assert embedding_grads and all((g.abs().sum(-1) > 0).all() for g in embedding_grads)
 
 
 def _records(task: str, prompts: list[str]) -> list[Example]:

@@ -317,3 +317,21 @@ def test_shared_experts_serve_every_task() -> None:
             with torch.no_grad():
                 for B in shared_B:
                     B.zero_()
+
+
+def test_packed_groups_by_hand() -> None:
+    """A padding-free row of three examples (lengths 2, 3, 1) with tasks A, B, A: each group holds the
+    positions of its examples' tokens; a count that does not match the row is refused."""
+    from moetune.core import tasks as tasks_of
+
+    cfg = moetune.MoEConfig(task="A", extra_tasks=["B"])
+    position_ids_1L = torch.tensor([[0, 1, 0, 1, 2, 0]])
+    assert tasks_of.packed_examples(position_ids_1L, batch=1) == 3
+    assert tasks_of.packed_examples(position_ids_1L, batch=2) == 0  # not one row: not packed
+    assert tasks_of.packed_examples(None, batch=1) == 0
+    groups = tasks_of.packed_groups(cfg, ["A", "B", "A"], position_ids_1L)
+    assert [(task, rows.tolist()) for _, task, rows in groups] == [(0, [0, 1, 5]), (1, [2, 3, 4])]
+    with pytest.raises(ValueError, match="2 tasks given for a packed row of 3 examples"):
+        tasks_of.packed_groups(cfg, ["A", "B"], position_ids_1L)
+    with pytest.raises(ValueError, match="must start at 0"):
+        tasks_of.packed_groups(cfg, ["A", "B"], torch.tensor([[1, 0, 1]]))
