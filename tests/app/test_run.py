@@ -326,3 +326,19 @@ def test_held_out_checks_by_hand() -> None:
     check_held_out({"b"}, {"b": [EvalItem(item.example, ("x", "y"))]}, allow_untrained=False)  # "x": fine
     with pytest.raises(ConfigError, match=r"the test answer 'x' is none of the options \['y', 'z'\]"):
         check_held_out({"b"}, {"b": [EvalItem(item.example, ("y", "z"))]}, allow_untrained=False)
+
+
+def test_every_example_config_parses() -> None:
+    """examples/*.yaml: a typo in a shipped config fails here (the YAML schema refuses unknown keys)."""
+    from pathlib import Path
+
+    from moetune.app.run_config import load_run_config
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    configs = sorted(root.glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_run_config(path)
+        assert cfg.moe.num_experts, path.name
+    baseline = load_run_config(root / "lora-baseline.yaml").moe
+    assert (baseline.num_experts, baseline.top_k, baseline.r) == (1, 1, 16)
