@@ -91,6 +91,9 @@ METHODS: dict[str, Method] = {
     # moetune candidates
     "moe-default": Method("MixLoRA ffn E=8 top-2 r=8, aux + z loss (today's defaults)"),
     "moe-shared": Method("+ one shared expert", moe=dict(num_shared_experts=1)),
+    # top-2 weights sum to 1, so each routed expert acts at half its alpha / r: alpha 32 gives the pair
+    # the update scale of LoRA r=16 alpha 32, with A and the routers at the same learning rate
+    "moe-alpha32": Method("E=8 top-2 r=8, alpha 32 (LoRA r=16's scale per token)", moe=dict(lora_alpha=32)),
     "moe-hydra": Method("HydraLoRA: asymmetric experts (one shared A)", moe=dict(asymmetric_experts=True)),
     "moe-loramoe": Method(
         "LoRAMoE: linear experts, soft routing, importance loss",
