@@ -767,7 +767,8 @@ def test_one_expert_is_peft_lora(expert_type: str) -> None:
                 module.lora_A["default"].weight.copy_(A[0])  # (r, d_in)
                 module.lora_B["default"].weight.copy_(B[0])  # (d_out, r)
                 assert module.scaling["default"] == bank.scaling == 2.0
-    ours.eval(), peft_model.eval()
+    ours.eval()
+    peft_model.eval()
     batch = tiny_batch("llama")
     with torch.no_grad():
         expected = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
